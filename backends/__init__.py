@@ -1,0 +1,22 @@
+"""Backends: what runs a compiled model. Built-in and third-party backends alike are found
+through the `sparsecc.backends` entry-point group; the entry-point name is the stable id."""
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+from sparsecc.backends.base import Backend
+from sparsecc.errors import SparseccError
+
+GROUP = "sparsecc.backends"
+
+
+def registry() -> dict[str, type[Backend]]:
+    return {ep.name: ep.load() for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name)}
+
+
+def get(name: str) -> Backend:
+    found = registry()
+    if name not in found:
+        raise SparseccError(f"unknown backend {name!r}; installed backends: {', '.join(found) or 'none'} "
+                            "(is sparsecc installed with pip install -e .?)")
+    return found[name]()

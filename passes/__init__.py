@@ -1,0 +1,29 @@
+"""Built-in passes. Each module holds one pass; `PASSES` maps stable names to classes.
+Third-party passes join through the `sparsecc.passes` entry-point group."""
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+from sparsecc.errors import SparseccError
+from sparsecc.pass_manager import Pass
+from sparsecc.passes.calibrate_thresholds import CalibrateThresholds
+from sparsecc.passes.discover_sites import DiscoverSites
+from sparsecc.passes.insert_thresholds import InsertThresholds
+
+BUILTIN: dict[str, type[Pass]] = {p.name: p for p in (DiscoverSites, InsertThresholds, CalibrateThresholds)}
+
+
+def registry() -> dict[str, type[Pass]]:
+    """Built-in passes plus those registered by installed packages."""
+    found = dict(BUILTIN)
+    for ep in entry_points(group="sparsecc.passes"):
+        if ep.name not in found:
+            found[ep.name] = ep.load()
+    return found
+
+
+def get(name: str) -> type[Pass]:
+    passes = registry()
+    if name not in passes:
+        raise SparseccError(f"unknown pass {name!r}; known passes: {', '.join(sorted(passes))}")
+    return passes[name]

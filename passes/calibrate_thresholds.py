@@ -1,0 +1,113 @@
+"""calibrate-thresholds: set every Threshold's t from calibration data to meet a sparsity target."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from sparsecc import ops
+from sparsecc.calibration import AbsHistogram, collect
+from sparsecc.config import option
+from sparsecc.errors import SparseccError
+from sparsecc.pass_manager import Context, Pass, require
+from sparsecc.sites import Site, analyze
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrateThresholdsConfig:
+    sparsity: float = option(0.5, "target activation sparsity in [0, 1)")
+    mode: Literal["mac-weighted", "uniform"] = option(
+        "mac-weighted", "mac-weighted: one level for all thresholds such that the model-wide "
+        "1 - effective/dense MACs meets the target, counting naturally sparse sites; "
+        "uniform: every threshold at the target")
+    refine: int = option(1, "re-calibrations with the thresholds in place, so each tensor is measured "
+                            "as it will be seen behind the upstream thresholds (0: dense statistics only)")
+
+    def __post_init__(self):
+        if not 0.0 <= self.sparsity < 1.0:
+            raise SparseccError(f"sparsity must be in [0, 1) (got {self.sparsity}); e.g. --sparsity 0.5")
+        if self.refine < 0:
+            raise SparseccError(f"refine must be 0 or more (got {self.refine})")
+
+
+@dataclasses.dataclass
+class _Threshold:
+    node: ir.Node
+    sites: list[Site]
+
+    @property
+    def source(self) -> str:
+        return self.node.inputs[0].name
+
+    @property
+    def macs(self) -> int:
+        return sum(s.macs_per_token for s in self.sites)
+
+
+class CalibrateThresholds(Pass):
+    """Set thresholds from streamed |x| histograms for a uniform or MAC-weighted sparsity target."""
+
+    name = "calibrate-thresholds"
+    Config = CalibrateThresholdsConfig
+
+    def check(self, model, ctx):
+        require(ctx.calibration is not None, "calibrate-thresholds needs calibration data: "
+                "pass --calib (text + --tokenizer, or an .npz of feeds)")
+        require(any(ops.is_threshold(n) for n in model.graph),
+                "calibrate-thresholds found no Threshold ops: run insert-thresholds before it")
+
+    def run(self, model: ir.Model, ctx: Context) -> dict:
+        sites = analyze(model.graph).sites
+        thresholds = [_Threshold(n, [s for s in sites if s.threshold == n.name])
+                      for n in model.graph if ops.is_threshold(n)]
+        natural = [s for s in sites if s.natural and not s.head]
+        tensors = [th.source for th in thresholds] + [s.consumes for s in natural]
+        rounds = 1 + self.config.refine
+        for round_ in range(rounds):
+            hists = collect(model, tensors, ctx.calibration, ctx.cache_dir,
+                            desc=f"calibrating ({round_ + 1}/{rounds})")
+            level = self._level(thresholds, natural, hists)
+            for th in thresholds:
+                t = hists[th.source].threshold_for(level)
+                th.node.inputs[1].const_value = ir.tensor(np.array(t, dtype=th.node.inputs[1].dtype.numpy()))
+        return self._report(thresholds, natural, hists, level)
+
+    def _level(self, thresholds: list[_Threshold], natural: list[Site], hists: dict[str, AbsHistogram]) -> float:
+        """The common per-threshold sparsity level that meets the target."""
+        target = self.config.sparsity
+        if self.config.mode == "uniform":
+            return target
+
+        def model_wide(level: float) -> float:
+            effective = sum(th.macs * max(level, hists[th.source].zeros) for th in thresholds)
+            effective += sum(s.macs_per_token * hists[s.consumes].zeros for s in natural)
+            return effective / (sum(th.macs for th in thresholds) + sum(s.macs_per_token for s in natural))
+
+        lo, hi = 0.0, 1.0
+        if model_wide(lo) >= target:
+            return 0.0
+        for _ in range(60):  # bisection: model_wide is monotone in the level
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if model_wide(mid) < target else (lo, mid)
+        return hi
+
+    def _report(self, thresholds, natural, hists, level) -> dict:
+        rows, eff, dense = [], 0.0, 0
+        for th in thresholds:
+            t = float(th.node.inputs[1].const_value.numpy())
+            sparsity = hists[th.source].sparsity_at(t)
+            eff += th.macs * (1 - sparsity)
+            dense += th.macs
+            rows.append({"threshold": th.node.name, "tensor": th.source, "sites": [s.node for s in th.sites],
+                         "t": t, "calibrated_sparsity": round(sparsity, 6)})
+        for s in natural:
+            eff += s.macs_per_token * (1 - hists[s.consumes].zeros)
+            dense += s.macs_per_token
+        return {
+            "changed": True, "target": self.config.sparsity, "mode": self.config.mode, "level": round(level, 6),
+            "calibrated_model_sparsity": round(1 - eff / dense, 6) if dense else 0.0,
+            "natural": [{"site": s.node, "sparsity": round(hists[s.consumes].zeros, 6)} for s in natural],
+            "thresholds": rows,
+        }

@@ -1,0 +1,62 @@
+"""insert-thresholds: put a Threshold(x, t) before the linear sites, with t = 0 (a no-op
+until calibrate-thresholds sets it)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from sparsecc import ops
+from sparsecc.config import option
+from sparsecc.pass_manager import Context, Pass
+from sparsecc.sites import Site, analyze
+
+
+@dataclasses.dataclass(frozen=True)
+class InsertThresholdsConfig:
+    per_consumer: bool = option(False, "one threshold per site instead of one per activation tensor "
+                                       "(q/k/v and gate/up then get their own)")
+    include_head: bool = option(False, "threshold the head (LM head, classifier) too; by default it stays dense")
+
+
+class InsertThresholds(Pass):
+    """Insert a sparsecc Threshold op before each linear site (one per activation tensor)."""
+
+    name = "insert-thresholds"
+    Config = InsertThresholdsConfig
+
+    def run(self, model: ir.Model, ctx: Context) -> dict:
+        graph = model.graph
+        analysis = analyze(graph)
+        sites = analysis.sites
+        chosen = [s for s in sites if s.threshold is None and s.natural is None and (self.config.include_head or not s.head)]
+        nodes = dict(enumerate(analysis.nodes))
+        buckets: dict[str, list[Site]] = {}
+        for site in chosen:
+            buckets.setdefault(site.node if self.config.per_consumer else site.source, []).append(site)
+        if chosen:
+            ops.ensure_threshold_function(model)
+        taken = {n.name for n in graph if ops.is_threshold(n)}
+        counter = 0
+        for members in buckets.values():
+            while f"sparsecc_threshold_{counter}" in taken:
+                counter += 1
+            name = f"sparsecc_threshold_{counter}"
+            taken.add(name)
+            first = nodes[members[0].index]
+            x = first.inputs[0]
+            t = ir.Value(name=f"{name}.t", shape=ir.Shape([]), type=ir.TensorType(x.dtype or ir.DataType.FLOAT),
+                         const_value=ir.tensor(np.array(0, dtype=(x.dtype or ir.DataType.FLOAT).numpy())))
+            graph.register_initializer(t)
+            node = ops.make_threshold(x, t, name)
+            graph.insert_before(first, node)
+            for site in members:
+                nodes[site.index].replace_input_with(0, node.outputs[0])
+        skipped = {
+            "natural": [s.node for s in sites if s.natural],
+            "head": [s.node for s in sites if s.head and not self.config.include_head],
+            "already_thresholded": [s.node for s in sites if s.threshold is not None],
+        }
+        return {"changed": bool(chosen), "thresholds": len(buckets), "sites": len(chosen), "skipped": skipped}
+

@@ -1,0 +1,124 @@
+"""Streaming statistics of |x| for activation tensors.
+
+`AbsHistogram` bins |x| by the top bits of its float32 pattern: 64 bins per power of two
+over the whole float32 range (16384 bins, ~1% relative width). Binning is a shift and a
+bincount, counts are exact integers, and two histograms merge by addition: memory stays
+fixed whatever the amount of data, and results do not depend on batch order.
+
+`collect` streams feeds through ONNX Runtime with only the wanted tensors as extra outputs
+and keeps one histogram per tensor; results are cached on disk under a key made of the
+exact saved model, the data and the tensor list.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from sparsecc.data import FeedSource
+from sparsecc.progress import bar, log
+from sparsecc.runtime import ort_session
+
+_SHIFT = 17                     # keep 8 exponent + 6 mantissa bits: 64 bins per octave
+BINS = 1 << (31 - _SHIFT)       # 16384
+CACHE_VERSION = "1"
+
+
+def _bin_edges() -> np.ndarray:
+    """Lower edge of every bin, plus the end of the last one (float64)."""
+    bits = (np.arange(BINS + 1, dtype=np.int64) << _SHIFT).clip(max=0x7F7FFFFF).astype(np.uint32)
+    return bits.view(np.float32).astype(np.float64)
+
+
+EDGES = _bin_edges()
+
+
+class AbsHistogram:
+    """Counts of |x| in fixed log-spaced bins; bin 0 holds zeros (and denormals)."""
+
+    def __init__(self, counts: np.ndarray | None = None):
+        self.counts = np.zeros(BINS, np.int64) if counts is None else counts.astype(np.int64)
+
+    def add(self, x: np.ndarray) -> None:
+        bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) & np.uint32(0x7FFFFFFF)
+        self.counts += np.bincount((bits >> _SHIFT).ravel(), minlength=BINS)[:BINS]
+
+    def merge(self, other: AbsHistogram) -> None:
+        self.counts += other.counts
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def zeros(self) -> float:
+        """Fraction of exact zeros: the natural sparsity."""
+        return float(self.counts[0]) / max(self.total, 1)
+
+    def threshold_for(self, sparsity: float) -> float:
+        """Smallest t with fraction(|x| <= t) >= sparsity, linear within a bin."""
+        total = self.total
+        target = sparsity * total
+        if total == 0 or target <= self.counts[0]:
+            return 0.0
+        cum = np.cumsum(self.counts)
+        b = int(np.searchsorted(cum, target))
+        below = cum[b] - self.counts[b]
+        frac = (target - below) / self.counts[b]
+        return float(EDGES[b] + frac * (EDGES[b + 1] - EDGES[b]))
+
+    def sparsity_at(self, t: float) -> float:
+        """Fraction of |x| <= t (the inverse of threshold_for, same interpolation)."""
+        total = self.total
+        if total == 0:
+            return 0.0
+        if t <= 0:
+            return self.zeros
+        b = int(np.searchsorted(EDGES, t, side="right")) - 1
+        b = min(max(b, 0), BINS - 1)
+        below = self.counts[:b].sum()
+        frac = (t - EDGES[b]) / (EDGES[b + 1] - EDGES[b]) if b > 0 else 1.0
+        return float(below + min(frac, 1.0) * self.counts[b]) / total
+
+
+def collect(model: ir.Model, tensors: list[str], source: FeedSource, cache_dir: Path | None = None,
+            desc: str = "calibrating") -> dict[str, AbsHistogram]:
+    """One histogram of |x| per tensor over all feeds of `source`."""
+    tensors = sorted(set(tensors))
+    with ort_session(model, tensors, with_key=True) as (session, model_key):
+        cache = _cache_path(cache_dir, model_key, source, tensors)
+        if cache is not None and cache.is_file():
+            log(f"{desc}: reusing cached statistics {cache.name}")
+            with np.load(cache) as data:
+                return {name: AbsHistogram(data[f"h{i}"]) for i, name in enumerate(tensors)}
+        hists = {name: AbsHistogram() for name in tensors}
+        inputs = [i.name for i in session.get_inputs()]
+        for feed in bar(source.feeds(inputs), total=len(source), desc=desc):
+            for name, array in zip(tensors, session.run(tensors, feed)):
+                hists[name].add(array)
+    if cache is not None:
+        _atomic_savez(cache, {f"h{i}": hists[name].counts for i, name in enumerate(tensors)})
+    return hists
+
+
+def _cache_path(cache_dir: Path | None, model_key: str, source: FeedSource, tensors: list[str]) -> Path | None:
+    data_key = source.key()
+    if cache_dir is None or data_key is None:
+        return None
+    key = hashlib.sha256("\n".join([CACHE_VERSION, model_key, data_key, *tensors]).encode()).hexdigest()
+    return Path(cache_dir) / f"hist-{key[:32]}.npz"
+
+
+def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SPARSECC_CACHE_DIR") or Path.home() / ".cache" / "sparsecc")

@@ -1,0 +1,174 @@
+"""The `sparsecc` command: compile, eval, list.
+
+Results go to stdout (JSON with --json); progress and logs to stderr. Errors a user can fix
+print one line and exit 2; -v adds tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sparsecc import __version__, compiler, config as cfg, pipeline as pipelines, progress
+from sparsecc import report as reports
+from sparsecc.calibration import default_cache_dir
+from sparsecc.errors import SparseccError
+
+# The pass options the compile command exposes as flags (from the passes' typed configs).
+FLAG_PASSES = ("insert-thresholds", "calibrate-thresholds")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more detail; tracebacks on errors")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress or logs on stderr")
+    p.add_argument("--json", action="store_true", help="print results as JSON on stdout, nothing else")
+
+
+def _add_data(p: argparse.ArgumentParser, flag: str, help: str) -> None:
+    p.add_argument(flag, dest="data", metavar="PATH", help=help)
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, a folder holding one, or a .gguf file")
+    p.add_argument("--seq-len", type=int, metavar="N", help="tokens per window, BOS included (default 256)")
+    p.add_argument("--windows", type=int, metavar="N", help="use N windows spread over the data (default: all)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sparsecc import passes
+
+    parser = argparse.ArgumentParser(prog="sparsecc", description="Activation-sparsity compiler for event-driven hardware.")
+    parser.add_argument("--version", action="version", version=f"sparsecc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="insert and calibrate thresholds; write the compiled model and reports",
+                       description="Run the pass pipeline on MODEL and write OUT/{model.onnx, report.json, report.md, config.yaml}.")
+    c.add_argument("model", help="input ONNX model (opset 17+)")
+    c.add_argument("-o", "--out", required=True, help="output folder (replaced atomically)")
+    c.add_argument("--pipeline", metavar="YAML", help="pipeline file; replaces the pass options below")
+    c.add_argument("--target", default="ort", help="backend to lower to (see `sparsecc list backends`)")
+    _add_data(c, "--calib", "calibration data: a text file, a folder of .txt files, or an .npz of feeds")
+    c.add_argument("--cache-dir", type=Path, default=None, help=f"calibration cache (default {default_cache_dir()})")
+    c.add_argument("--no-cache", action="store_true", help="do not read or write the calibration cache")
+    c.add_argument("--dump-after", action="append", default=[], metavar="PASS",
+                   help="write the IR as text after this pass (id or name) to OUT.dumps/")
+    group = c.add_argument_group("pass options (from the passes' configs)")
+    for name in FLAG_PASSES:
+        for f in cfg.fields(passes.get(name).Config):
+            flag = "--" + f.name.replace("_", "-")
+            if f.type is bool:
+                group.add_argument(flag, dest=f.name, action="store_true", default=None, help=f"[{name}] {f.doc}")
+            else:
+                group.add_argument(flag, dest=f.name, default=None, choices=f.choices, metavar=None if f.choices else f.type_name().upper(),
+                                   help=f"[{name}] {f.doc} (default {f.default})")
+
+    e = sub.add_parser("eval", help="perplexity, measured sparsity and output error in ONNX Runtime",
+                       description="Evaluate MODEL with the ort backend. For a model written by `sparsecc compile`, the "
+                                   "tokenizer, window length and reference (the uncompiled source) default to its config.yaml.")
+    e.add_argument("model", help="ONNX model (e.g. OUT/model.onnx)")
+    _add_data(e, "--ppl", "evaluation text (file or folder) for perplexity, or an .npz of feeds")
+    e.add_argument("--reference", metavar="MODEL", help="model to compare outputs with (default: the compiled model's source)")
+    e.add_argument("--no-reference", action="store_true", help="skip the comparison")
+    e.add_argument("-o", "--out", help="also write report.json and report.md to this folder")
+
+    ls = sub.add_parser("list", help="list passes or backends")
+    ls.add_argument("what", choices=["passes", "backends"])
+    for p in (c, e, ls):
+        _add_common(p)
+    return parser
+
+
+def _compile(args) -> dict:
+    from sparsecc import passes as registry
+
+    flag_values = {f.name: getattr(args, f.name) for name in FLAG_PASSES for f in cfg.fields(registry.get(name).Config)}
+    flag_values = {k: v for k, v in flag_values.items() if v is not None}
+    if args.pipeline:
+        if flag_values:
+            raise SparseccError(f"--{next(iter(flag_values)).replace('_', '-')} conflicts with --pipeline; "
+                                "set pass options in the pipeline file")
+        passes, data = pipelines.load(args.pipeline)
+    else:
+        options = {}
+        for name in FLAG_PASSES:
+            cls = registry.get(name)
+            own = {f.name: flag_values[f.name] for f in cfg.fields(cls.Config) if f.name in flag_values}
+            options[name] = cfg.build(cls.Config, own, name)  # validates early, with the flag's name
+        passes = [registry.get("discover-sites")()] + [registry.get(n)(options[n]) for n in FLAG_PASSES]
+        data = {}
+    data = {k: v for k, v in data.items() if v is not None}
+    for key in pipelines.DATA_KEYS:
+        given = getattr(args, "data" if key == "calib" else key)
+        if given is not None:
+            data[key] = str(Path(given).resolve()) if key in ("calib", "tokenizer") else given
+    data.setdefault("seq_len", 256)
+    source = compiler.data_source(data.get("calib"), data.get("tokenizer"), data["seq_len"], data.get("windows"))
+    cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    result = compiler.compile_model(args.model, passes, source, out=args.out, target=args.target, data=data,
+                                    cache_dir=cache, dump_after=tuple(args.dump_after))
+    calib = next((p["details"] for p in result.report["passes"] if p["pass"] == "calibrate-thresholds"), None)
+    if not args.json and calib:
+        print(f"{calib['mode']} target {calib['target']:.0%}: "
+              f"{len(calib['thresholds'])} thresholds, calibrated model-wide sparsity "
+              f"{calib['calibrated_model_sparsity']:.1%} -> {Path(args.out) / 'model.onnx'}")
+    return result.report
+
+
+def _eval(args) -> dict:
+    model = Path(args.model)
+    saved = compiler.compiled_config(model)
+    data = saved.get("data", {})
+    tokenizer = args.tokenizer or data.get("tokenizer")
+    seq_len = args.seq_len or data.get("seq_len", 256)
+    if args.data is None:
+        raise SparseccError("eval needs data: pass --ppl TEXT (with --tokenizer) or --ppl FEEDS.npz")
+    source = compiler.data_source(args.data, tokenizer, seq_len, args.windows)
+    reference = None if args.no_reference else (args.reference or saved.get("source"))
+    result = compiler.evaluate(model, source, reference)
+    if args.out:
+        from sparsecc.model_io import atomic_dir
+
+        with atomic_dir(args.out) as tmp:
+            (tmp / "report.md").write_text(reports.eval_markdown(result), encoding="utf-8")
+            (tmp / "report.json").write_text(reports.dumps(result), encoding="utf-8")
+    if not args.json:
+        print(reports.eval_summary(result["result"]))
+    return result
+
+
+def _list(args) -> dict:
+    from sparsecc import backends, passes
+
+    if args.what == "passes":
+        rows = {name: {"summary": cls.summary(), "options": {f.name: {"type": f.type_name(), "default": f.default, "doc": f.doc}
+                                                            for f in cfg.fields(cls.Config)}}
+                for name, cls in sorted(passes.registry().items())}
+    else:
+        rows = {name: {"summary": cls.description} for name, cls in backends.registry().items()}
+    if not args.json:
+        for name, row in rows.items():
+            print(f"{name:24} {row['summary']}")
+            if args.verbose:
+                for opt, info in row.get("options", {}).items():
+                    print(f"    {opt} ({info['type']}, default {info['default']}): {info['doc']}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress.set_verbosity(0 if args.quiet or args.json else 1 + args.verbose)
+    try:
+        result = {"compile": _compile, "eval": _eval, "list": _list}[args.command](args)
+    except SparseccError as exc:
+        if args.verbose:
+            raise
+        print(f"sparsecc: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("sparsecc: interrupted; no output written", file=sys.stderr)
+        return 130
+    if args.json:
+        print(reports.dumps(result), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

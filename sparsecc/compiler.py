@@ -1,0 +1,110 @@
+"""The two jobs behind the CLI, callable from Python: compile a model, evaluate one."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+import yaml
+
+from sparsecc import __version__, model_io, pipeline as pipelines
+from sparsecc import report as reports
+from sparsecc.data import FeedSource, NpzFeeds, TextWindows
+from sparsecc.errors import SparseccError
+from sparsecc.pass_manager import Context, Pass, PassManager
+from sparsecc.progress import log
+from sparsecc.sites import analyze
+
+CONFIG = "config.yaml"
+
+
+def data_source(calib: str | os.PathLike | None, tokenizer: str | os.PathLike | None = None,
+                seq_len: int = 256, windows: int | None = None) -> FeedSource | None:
+    """Feeds from a text file/folder (with a tokenizer) or an .npz of feeds."""
+    if calib is None:
+        return None
+    if str(calib).endswith(".npz"):
+        return NpzFeeds(calib, limit=windows)
+    return TextWindows(calib, tokenizer, seq_len=seq_len, limit=windows)
+
+
+@dataclasses.dataclass
+class CompileResult:
+    model: ir.Model
+    report: dict[str, Any]
+    timings: dict[str, float]
+
+
+def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration: FeedSource | None = None,
+                  out: str | os.PathLike | None = None, target: str = "ort", data: dict | None = None,
+                  cache_dir: Path | None = None, dump_after: tuple[str, ...] = (), seed: int = 0) -> CompileResult:
+    """Run `passes` on the model at `model_path`; with `out`, write the model, reports and the
+    resolved configuration there atomically."""
+    from sparsecc import backends
+
+    model_path = Path(model_path).resolve()
+    if out is not None:
+        model_io.check_output_dir(Path(out))  # fail before the expensive part
+    backend = backends.get(target)
+    model = model_io.load_model(model_path)
+    ctx = Context(calibration=calibration, cache_dir=cache_dir, seed=seed)
+    manager = PassManager(passes, dump_after=dump_after,
+                          dump_dir=Path(out).with_name(Path(out).name + ".dumps") if out else None)
+    pass_reports = manager.run(model, ctx)
+    declined = backend.declines(model)
+    spec = pipelines.to_spec(passes, data) | {"source": str(model_path), "sparsecc": __version__}
+    report = {
+        "schema": reports.SCHEMA, "kind": "compile", "sparsecc": __version__,
+        "source": {"model": str(model_path)},
+        "target": {"backend": target, "declined": declined},
+        "data": calibration.describe() if calibration is not None else None,
+        "passes": [r.to_dict() for r in pass_reports],
+        "sites": [s.to_dict() for s in analyze(model.graph).sites],
+    }
+    timings = {r.id: round(r.seconds, 3) for r in pass_reports}
+    if out is not None:
+        with model_io.atomic_dir(out) as tmp:
+            files = model_io.save_model(model, tmp / "model.onnx")
+            report["target"]["artifacts"] = backend.lower(model, tmp)
+            report["outputs"] = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file()) + \
+                [CONFIG, "report.json", "report.md"]
+            (tmp / CONFIG).write_text(pipelines.dump(spec), encoding="utf-8")
+            (tmp / "report.md").write_text(reports.compile_markdown(report), encoding="utf-8")
+            (tmp / "timings.json").write_text(reports.dumps(timings), encoding="utf-8")
+            (tmp / "report.json").write_text(reports.dumps(report), encoding="utf-8")
+        log(f"wrote {Path(out)}/ ({', '.join(f.name for f in files)}, report.json, report.md, {CONFIG})")
+    return CompileResult(model, report, timings)
+
+
+def compiled_config(model_path: Path) -> dict[str, Any]:
+    """The resolved configuration written beside a compiled model ({} for any other model)."""
+    path = model_path.parent / CONFIG
+    if not path.is_file():
+        return {}
+    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return spec if isinstance(spec, dict) else {}
+
+
+def evaluate(model_path: str | os.PathLike, source: FeedSource, reference: str | os.PathLike | None = None) -> dict:
+    """Evaluate a model with the ort backend; compare against `reference` when given."""
+    from sparsecc.backends.ort import OrtBackend
+
+    model = model_io.load_model(model_path)
+    ref = model_io.load_model(reference) if reference is not None else None
+    result = OrtBackend().evaluate(model, source, ref)
+    return {"schema": reports.SCHEMA, "kind": "eval", "sparsecc": __version__,
+            "model": str(Path(model_path).resolve()), "reference": str(Path(reference).resolve()) if reference else None,
+            "data": source.describe(), "result": result}
+
+
+def default_passes(**options) -> list[Pass]:
+    return pipelines.default_pipeline(**options)
+
+
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise SparseccError(f"{what} not found: {path}")
+    return path

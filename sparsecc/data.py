@@ -1,0 +1,218 @@
+"""Calibration and evaluation data: where model feeds come from.
+
+A `FeedSource` yields feed dicts (input name -> array) for a model. Three kinds:
+- `TextWindows`: a text file or folder of text files, tokenized, cut into windows of N
+  tokens; each window starts the way the tokenizer starts a text (with its BOS token when it
+  adds one), so windowed perplexity matches the model's training convention.
+- `NpzFeeds`: an `.npz` whose keys are model input names and whose axis 0 indexes samples.
+- `IterableFeeds`: any Python iterable of feed dicts, or an object with `get_next()` (ONNX
+  Runtime's CalibrationDataReader).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from sparsecc.errors import SparseccError
+
+
+class Tokenizer:
+    """A text tokenizer read from local files: a `tokenizer.json` (or a folder holding one),
+    or a `.gguf` file (through transformers). Knows whether it starts texts with a BOS."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if not path.exists():
+            raise SparseccError(f"tokenizer not found: {path}; pass a tokenizer.json, a folder holding one, or a .gguf file")
+        self.path = path
+        if path.suffix == ".gguf":
+            self._encode = self._load_gguf(path)
+        else:
+            file = path / "tokenizer.json" if path.is_dir() else path
+            if not file.is_file():
+                raise SparseccError(f"no tokenizer.json in {path}; pass a tokenizer.json, a folder holding one, or a .gguf file")
+            from tokenizers import Tokenizer as HFTokenizer
+            try:
+                tok = HFTokenizer.from_file(str(file))
+            except Exception as exc:
+                raise SparseccError(f"cannot read tokenizer {file}: {str(exc).splitlines()[0]}") from None
+            self._encode = lambda text, special: tok.encode(text, add_special_tokens=special).ids
+        with_special, plain = self._encode("a", True), self._encode("a", False)
+        extra = len(with_special) - len(plain)
+        self.bos_id = with_special[0] if extra > 0 and with_special[extra:] == plain else None
+
+    @staticmethod
+    def _load_gguf(path: Path):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise SparseccError("reading a tokenizer from .gguf needs transformers and gguf: "
+                                "pip install 'sparsecc[gguf]'") from None
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return lambda text, special: tok(text, add_special_tokens=special)["input_ids"]
+
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids of `text` with no special tokens."""
+        return np.asarray(self._encode(text, False), dtype=np.int64)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A text file, or every `*.txt` under a folder in sorted order, as one string."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise SparseccError(f"no .txt files under {path}; point at a text file or a folder of .txt files")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise SparseccError(f"text data not found: {path}; check the path")
+    parts = []
+    for file in files:
+        try:
+            parts.append(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise SparseccError(f"{file} is not UTF-8 text (bad byte at offset {exc.start}); convert it to UTF-8") from None
+    text = "\n".join(parts)
+    if not text.strip():
+        raise SparseccError(f"{path} holds no text; give a non-empty text file")
+    return text
+
+
+class FeedSource:
+    """Yields feed dicts for a model. `key()` identifies the data for caching (None: not cacheable)."""
+
+    def feeds(self, input_names: list[str]) -> Iterator[dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def key(self) -> str | None:
+        return None
+
+    def describe(self) -> dict:
+        return {"kind": type(self).__name__}
+
+
+def windows(ids: np.ndarray, seq_len: int, bos_id: int | None, limit: int | None = None) -> np.ndarray:
+    """Cut `ids` into full windows of `seq_len` tokens, each led by `bos_id` when given.
+    With `limit`, keep that many windows spread evenly over the text (not just its start)."""
+    if seq_len < 2:
+        raise SparseccError(f"window length {seq_len} is too short; use --seq-len 2 or more")
+    body = seq_len - (bos_id is not None)
+    count = len(ids) // body
+    if count == 0:
+        raise SparseccError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}; "
+                            "give more text or a smaller --seq-len")
+    rows = ids[: count * body].reshape(count, body)
+    if limit is not None and limit < count:
+        rows = rows[np.linspace(0, count - 1, limit).round().astype(np.int64)]
+    if bos_id is not None:
+        rows = np.concatenate([np.full((len(rows), 1), bos_id, dtype=np.int64), rows], axis=1)
+    return rows
+
+
+def feeds_for_ids(window: np.ndarray, input_names: list[str]) -> dict[str, np.ndarray]:
+    """Feeds of a decoder LM for one window: input_ids plus the usual companion inputs."""
+    n = window.shape[-1]
+    known = {
+        "input_ids": window[None],
+        "attention_mask": np.ones((1, n), dtype=np.int64),
+        "position_ids": np.arange(n, dtype=np.int64)[None],
+        "token_type_ids": np.zeros((1, n), dtype=np.int64),
+    }
+    missing = [name for name in input_names if name not in known]
+    if missing:
+        raise SparseccError(f"model input {missing[0]!r} cannot be fed from text; "
+                            "give calibration feeds as an .npz instead (keys = input names)")
+    return {name: known[name] for name in input_names}
+
+
+class TextWindows(FeedSource):
+    def __init__(self, text: str | os.PathLike, tokenizer: str | os.PathLike | Tokenizer | None,
+                 seq_len: int = 256, limit: int | None = None):
+        if tokenizer is None:
+            raise SparseccError("text data needs a tokenizer: pass --tokenizer (tokenizer.json, its folder, or a .gguf)")
+        if limit is not None and limit < 1:
+            raise SparseccError(f"window count must be at least 1 (got {limit})")
+        self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+        self.path, self.seq_len = Path(text), seq_len
+        ids = self.tokenizer.encode(read_text(text))
+        self.rows = windows(ids, seq_len, self.tokenizer.bos_id, limit)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def feeds(self, input_names):
+        for row in self.rows:
+            yield feeds_for_ids(row, input_names)
+
+    def key(self) -> str:
+        return hashlib.sha256(self.rows.tobytes()).hexdigest()
+
+    def describe(self) -> dict:
+        return {"kind": "text", "path": str(self.path), "tokenizer": str(self.tokenizer.path),
+                "seq_len": self.seq_len, "windows": len(self.rows), "tokens": int(self.rows.size),
+                "bos": self.tokenizer.bos_id}
+
+
+class NpzFeeds(FeedSource):
+    def __init__(self, path: str | os.PathLike, limit: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SparseccError(f"feed file not found: {self.path}")
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                self.arrays = {k: data[k] for k in data.files}
+        except Exception as exc:
+            raise SparseccError(f"{self.path} is not a readable .npz ({type(exc).__name__}); "
+                                "save feeds with numpy.savez") from None
+        counts = {len(a) for a in self.arrays.values()}
+        if len(counts) != 1 or 0 in counts:
+            raise SparseccError(f"{self.path}: every array needs the same, non-zero number of samples on axis 0")
+        self.count = min(counts.pop(), limit or 2**62)
+
+    def __len__(self):
+        return self.count
+
+    def feeds(self, input_names):
+        missing = [n for n in input_names if n not in self.arrays]
+        if missing:
+            raise SparseccError(f"{self.path} lacks model input {missing[0]!r} (has {sorted(self.arrays)})")
+        for i in range(self.count):
+            yield {n: self.arrays[n][i] for n in input_names}
+
+    def key(self):
+        digest = hashlib.sha256()
+        for name in sorted(self.arrays):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(self.arrays[name][: self.count]).tobytes())
+        return digest.hexdigest()
+
+    def describe(self):
+        return {"kind": "npz", "path": str(self.path), "samples": self.count}
+
+
+class IterableFeeds(FeedSource):
+    """Feed dicts from Python: materialised once (they are replayed when a pass calibrates twice)."""
+
+    def __init__(self, source: Iterable[dict] | object):
+        if hasattr(source, "get_next"):
+            items = list(iter(source.get_next, None))
+        else:
+            items = list(source)
+        if not items:
+            raise SparseccError("the calibration iterable yielded no feeds")
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def feeds(self, input_names):
+        for item in self.items:
+            yield {n: np.asarray(item[n]) for n in input_names}

@@ -1,0 +1,100 @@
+"""Pipelines: an explicit, ordered list of passes, built in Python or read from YAML.
+
+    schema: sparsecc.pipeline/1
+    passes:
+      - pass: discover-sites
+      - pass: insert-thresholds
+        per_consumer: false
+      - pass: calibrate-thresholds
+        id: calibrate-50          # optional; ids must be unique, so a pass can run twice
+        sparsity: 0.5
+    data:                         # optional: calibration data, as the CLI's --calib options
+      calib: ../shared/data/wikitext-2/valid.txt
+      tokenizer: samples/tiny_llama
+      seq_len: 256
+      windows: 64
+
+The `config.yaml` that `sparsecc compile` writes next to its outputs is in this format, with
+every option resolved, so it can be passed back with `--pipeline` to reproduce the run.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sparsecc import config as cfg
+from sparsecc.errors import SparseccError
+from sparsecc.pass_manager import Pass
+
+SCHEMA = "sparsecc.pipeline/1"
+DATA_KEYS = ("calib", "tokenizer", "seq_len", "windows")
+
+
+def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_consumer: bool = False,
+                     include_head: bool = False, refine: int = 1) -> list[Pass]:
+    """The standard sparsification pipeline."""
+    from sparsecc import passes
+
+    return [
+        passes.get("discover-sites")(),
+        passes.get("insert-thresholds")(per_consumer=per_consumer, include_head=include_head),
+        passes.get("calibrate-thresholds")(sparsity=sparsity, mode=mode, refine=refine),
+    ]
+
+
+def from_spec(spec: Any, where: str = "pipeline") -> tuple[list[Pass], dict[str, Any]]:
+    """Passes and data settings from a parsed pipeline document."""
+    from sparsecc import passes
+
+    if not isinstance(spec, dict) or not isinstance(spec.get("passes"), list):
+        raise SparseccError(f"{where}: expected a mapping with a `passes:` list (schema {SCHEMA})")
+    if spec.get("schema", SCHEMA) != SCHEMA:
+        raise SparseccError(f"{where}: unsupported schema {spec['schema']!r}; this sparsecc reads {SCHEMA}")
+    unknown = sorted(set(spec) - {"schema", "passes", "data", "sparsecc", "source"})
+    if unknown:
+        raise SparseccError(f"{where}: unknown key {unknown[0]!r}; valid keys: schema, passes, data")
+    built = []
+    for i, item in enumerate(spec["passes"], 1):
+        if isinstance(item, str):
+            item = {"pass": item}
+        if not isinstance(item, dict) or "pass" not in item:
+            raise SparseccError(f"{where}: passes[{i}] needs a `pass:` name")
+        options = {k: v for k, v in item.items() if k not in ("pass", "id")}
+        cls = passes.get(item["pass"])
+        built.append(cls(cfg.build(cls.Config, options, f"{where}: {item['pass']}"), id=item.get("id")))
+    data = spec.get("data") or {}
+    if not isinstance(data, dict) or set(data) - set(DATA_KEYS):
+        raise SparseccError(f"{where}: `data:` takes only {', '.join(DATA_KEYS)}")
+    return built, data
+
+
+def load(path: str | os.PathLike) -> tuple[list[Pass], dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise SparseccError(f"pipeline file not found: {path}")
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        at = f" at line {line + 1}" if line is not None else ""
+        raise SparseccError(f"{path} is not valid YAML{at}; fix the file") from None
+    return from_spec(spec, str(path))
+
+
+def to_spec(pipeline: list[Pass], data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved document for `pipeline` (every option spelled out)."""
+    items = []
+    for p in pipeline:
+        item = {"pass": p.name} | ({"id": p.id} if p.id != p.name else {})
+        items.append(item | cfg.to_dict(p.config))
+    spec: dict[str, Any] = {"schema": SCHEMA, "passes": items}
+    if data:
+        spec["data"] = data
+    return spec
+
+
+def dump(spec: dict[str, Any]) -> str:
+    return yaml.safe_dump(spec, sort_keys=False)

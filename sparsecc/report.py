@@ -1,0 +1,93 @@
+"""Reports: a versioned `report.json` for machines and `report.md` for people.
+
+Both are deterministic (no timestamps, no wall times): the same inputs give byte-identical
+files. Timings go to `timings.json` beside them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "sparsecc.report/1"
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=False, default=_plain) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _macs(x: float) -> str:
+    return f"{x / 1e6:.2f} M"
+
+
+def compile_markdown(report: dict) -> str:
+    lines = [f"# sparsecc compile: {Path(report['source']['model']).name}", ""]
+    lines += ["| pass | changed | summary |", "|---|---|---|"]
+    for p in report["passes"]:
+        d = p["details"]
+        keys = [k for k, v in d.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+        lines.append(f"| {p['id']} | {'yes' if p['changed'] else 'no'} | "
+                     + ", ".join(f"{k}={d[k]}" for k in keys[:6]) + " |")
+    calib = next((p["details"] for p in report["passes"] if p["pass"] == "calibrate-thresholds"), None)
+    if calib:
+        lines += ["", f"Target {_pct(calib['target'])} ({calib['mode']}); calibrated model-wide sparsity "
+                      f"{_pct(calib['calibrated_model_sparsity'])} at level {_pct(calib['level'])}.", "",
+                  "| threshold | sites | t | calibrated sparsity |", "|---|---|---|---|"]
+        for row in calib["thresholds"]:
+            lines.append(f"| {row['threshold']} | {', '.join(row['sites'])} | {row['t']:.4g} | "
+                         f"{_pct(row['calibrated_sparsity'])} |")
+        for row in calib["natural"]:
+            lines.append(f"| (natural) | {row['site']} | - | {_pct(row['sparsity'])} |")
+    lines += ["", "Measure accuracy and sparsity on held-out data with `sparsecc eval`.", ""]
+    return "\n".join(lines)
+
+
+def eval_markdown(report: dict) -> str:
+    r = report["result"]
+    lines = [f"# sparsecc eval: {Path(report['model']).name}", "", f"Data: {report['data']}", ""]
+    if "perplexity" in r:
+        ref = f" (reference {r['reference_perplexity']:.3f})" if "reference_perplexity" in r else ""
+        lines.append(f"- perplexity: **{r['perplexity']:.3f}**{ref} over {r['tokens']} predicted tokens")
+    body, every = r["macs"]["body"], r["macs"]["all"]
+    lines.append(f"- effective MACs per token: {_macs(body['effective_per_token'])} of {_macs(body['dense_per_token'])} "
+                 f"dense in the body: sparsity **{_pct(body['sparsity'])}**; with heads: {_pct(every['sparsity'])} "
+                 f"of {_macs(every['dense_per_token'])}")
+    if "output_error" in r:
+        e = r["output_error"]
+        lines.append(f"- vs reference: max |diff| {e['max_abs']:.4g}, mean cosine {e['mean_cosine']:.5f}, "
+                     f"top-1 agreement {_pct(e['top1_agreement'])}")
+    lines += ["", "| site | group | kind | sparsity | MACs/token | effective |", "|---|---|---|---|---|---|"]
+    for s in r["sites"]:
+        kind = "head" if s["head"] else s["natural"] or ("threshold" if s["thresholded"] else "dense")
+        lines.append(f"| {s['site']} | {s['group']} | {kind} | {_pct(s['sparsity'])} | "
+                     f"{_macs(s['macs_per_token'])} | {_macs(s['effective_macs_per_token'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def eval_summary(result: dict) -> str:
+    """A few lines for the terminal."""
+    parts = []
+    if "perplexity" in result:
+        ref = result.get("reference_perplexity")
+        delta = f" (reference {ref:.3f}, {100 * (result['perplexity'] / ref - 1):+.1f}%)" if ref else ""
+        parts.append(f"perplexity {result['perplexity']:.3f}{delta} over {result['tokens']} tokens")
+    body = result["macs"]["body"]
+    parts.append(f"effective-MAC sparsity {_pct(body['sparsity'])} (body), "
+                 f"{_pct(result['macs']['all']['sparsity'])} with heads")
+    if "output_error" in result:
+        e = result["output_error"]
+        parts.append(f"vs reference: max|diff| {e['max_abs']:.4g}, cosine {e['mean_cosine']:.5f}, "
+                     f"top-1 {_pct(e['top1_agreement'])}")
+    return "\n".join(parts)

@@ -1,0 +1,78 @@
+"""Handing an in-memory model to ONNX Runtime.
+
+The IR is saved into a private temporary folder (external data beside it when large, so
+models over 2 GiB work) and ONNX Runtime maps it from there. Extra outputs, for
+calibration and measurement, are added for the session only and removed afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import onnx_ir as ir
+
+from sparsecc.errors import SparseccError
+from sparsecc.model_io import fingerprint, save_model
+
+
+def session_options(threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
+@contextlib.contextmanager
+def saved_copy(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Iterator[list[Path]]:
+    """Save `model` (with `extra_outputs` as graph outputs) to a temporary folder; yield the
+    files. The model is restored on exit, and the folder removed."""
+    values = _values_by_name(model.graph)
+    missing = [name for name in extra_outputs if name not in values]
+    if missing:
+        raise SparseccError(f"tensor {missing[0]!r} is not in the model")
+    outputs = model.graph.outputs
+    added = [values[name] for name in extra_outputs if not values[name].is_graph_output()]
+    outputs.extend(added)
+    tmp = Path(tempfile.mkdtemp(prefix="sparsecc-ort-"))
+    try:
+        yield save_model(model, tmp / "model.onnx")
+    finally:
+        for value in added:
+            outputs.remove(value)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def ort_session(model: ir.Model, extra_outputs: Sequence[str] = (), threads: int | None = None,
+                with_key: bool = False):
+    """An ONNX Runtime session on `model`, returning `extra_outputs` too. With `with_key`,
+    yields (session, sha256 of the saved model) for caching results of this exact graph."""
+    import onnxruntime as ort
+
+    with saved_copy(model, extra_outputs) as files:
+        try:
+            session = ort.InferenceSession(str(files[0]), session_options(threads), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SparseccError(f"ONNX Runtime cannot load the model: {first}") from None
+        yield (session, fingerprint(files)) if with_key else session
+
+
+def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    values = {v.name: v for v in graph.inputs}
+    values.update(graph.initializers)
+    for node in graph:
+        for out in node.outputs:
+            values[out.name] = out
+    return values
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

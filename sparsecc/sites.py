@@ -1,0 +1,211 @@
+"""Linear sites: where activation sparsity saves work.
+
+A *linear site* is a MatMul or Gemm whose weight operand is constant, directly or through
+layout and dequantization ops. Found by graph structure alone, never by node names:
+- each site consumes one activation tensor; each non-zero element of it costs `out_features`
+  multiply-accumulates (MACs), so effective MACs = non-zeros x out_features;
+- sites that read the same tensor form a group (q/k/v; gate/up) and share a threshold;
+- an activation x activation MatMul (attention scores, attention x V) is not a site;
+- a *head* (LM head, classifier) is a site whose output reaches a graph output through ops
+  whose other inputs are all constant; it stays dense unless asked;
+- a tensor that is already sparse by construction (ReLU, ReLU squared) is *natural*: it
+  needs no threshold, and its measured sparsity counts toward the model-wide figure.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from sparsecc import ops
+
+# Ops a constant weight may pass through on its way to the MatMul.
+_WEIGHT_PATH = {"Transpose", "Cast", "Reshape", "DequantizeLinear", "Identity", "Squeeze", "Unsqueeze"}
+# Ops that change neither which elements are zero nor how many.
+_LAYOUT = {"Reshape", "Transpose", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    index: int            # position in topological order
+    node: str             # the MatMul/Gemm node's name, for people; never used for logic
+    op: str
+    consumes: str         # tensor the site reads (a Threshold's output once thresholded)
+    source: str           # the activation before any threshold: the group key
+    weight: str           # the constant at the root of the weight path
+    in_features: int
+    out_features: int
+    head: bool
+    natural: str | None   # "relu" / "relu2" when sparse by construction
+    threshold: str | None  # name of the Threshold node feeding the site, if any
+    group: int = -1
+
+    @property
+    def macs_per_token(self) -> int:
+        return self.in_features * self.out_features
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"macs_per_token": self.macs_per_token}
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    sites: list[Site]
+    attention_products: int   # activation x activation MatMuls
+    declined: list[dict]      # MatMul/Gemm with a constant operand that are not sites, and why
+    nodes: list[ir.Node]      # the site nodes, aligned with `sites`
+
+    def groups(self) -> dict[str, list[Site]]:
+        out: dict[str, list[Site]] = {}
+        for site in self.sites:
+            out.setdefault(site.source, []).append(site)
+        return out
+
+
+def const_root(value: ir.Value | None) -> ir.Value | None:
+    """The constant a value is computed from through weight-path ops only, else None."""
+    while value is not None:
+        if value.const_value is not None:
+            return value
+        node = value.producer()
+        if node is None:
+            return None
+        if node.op_type == "Constant" and node.domain == "":
+            return value
+        if node.op_type not in _WEIGHT_PATH or node.domain != "":
+            return None
+        if any(const_root(extra) is None for extra in node.inputs[1:] if extra is not None):
+            return None
+        value = node.inputs[0]
+    return None
+
+
+def _static_shape(value: ir.Value) -> tuple[int, ...] | None:
+    if value.shape is not None and all(isinstance(d, int) for d in value.shape):
+        return tuple(value.shape)
+    node = value.producer()
+    if value.const_value is not None:
+        return tuple(value.const_value.shape)
+    if node is None:
+        return None
+    if node.op_type == "Constant":
+        attr = node.attributes.get("value")
+        return tuple(attr.value.shape) if attr is not None else None
+    src = _static_shape(node.inputs[0])
+    if src is None:
+        return None
+    if node.op_type == "Transpose":
+        perm = node.attributes.get("perm")
+        perm = list(perm.value) if perm is not None else list(range(len(src)))[::-1]
+        return tuple(src[p] for p in perm)
+    if node.op_type == "Reshape":
+        target = _const_array(node.inputs[1])
+        if target is None:
+            return None
+        dims = [src[i] if d == 0 else int(d) for i, d in enumerate(target)]
+        if -1 in dims:
+            known = math.prod(d for d in dims if d != -1)
+            dims[dims.index(-1)] = math.prod(src) // known
+        return tuple(dims)
+    if node.op_type in ("Cast", "Identity", "DequantizeLinear"):
+        return src
+    return None
+
+
+def _const_array(value: ir.Value | None) -> np.ndarray | None:
+    root = const_root(value)
+    if root is not value or value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    return value.producer().attributes["value"].value.numpy()
+
+
+def _skip_layout_back(value: ir.Value) -> ir.Value:
+    node = value.producer()
+    while node is not None and node.op_type in _LAYOUT and node.domain == "":
+        value, node = node.inputs[0], node.inputs[0].producer()
+    return value
+
+
+def natural_sparsity(value: ir.Value) -> str | None:
+    """'relu' or 'relu2' when `value` is a ReLU output (or its square), seen through layout ops."""
+    value = _skip_layout_back(value)
+    node = value.producer()
+    if node is None or node.domain != "":
+        return None
+    if node.op_type == "Relu":
+        return "relu"
+    if node.op_type in ("Pow", "Mul"):
+        base = _skip_layout_back(node.inputs[0])
+        if node.op_type == "Pow":
+            exponent = _const_array(node.inputs[1])
+            squared = exponent is not None and exponent.size == 1 and float(exponent.reshape(())) == 2.0
+        else:
+            squared = _skip_layout_back(node.inputs[1]) is base
+        producer = base.producer()
+        if squared and producer is not None and producer.op_type == "Relu" and producer.domain == "":
+            return "relu2"
+    return None
+
+
+def _is_head(node: ir.Node, linear: set[int]) -> bool:
+    """Does `node`'s output reach a graph output through ops whose other inputs are constant?"""
+    frontier = [node.outputs[0]]
+    while frontier:
+        value = frontier.pop()
+        if value.is_graph_output():
+            return True
+        for user, index in value.uses():
+            if id(user) in linear:
+                continue
+            others = [v for i, v in enumerate(user.inputs) if i != index and v is not None]
+            if all(const_root(v) is not None for v in others):
+                frontier.extend(user.outputs)
+    return False
+
+
+def analyze(graph: ir.Graph) -> Analysis:
+    """Find the linear sites of `graph` (which must be topologically sorted)."""
+    candidates, declined, attention = [], [], 0
+    for node in graph:
+        if node.domain != "" or node.op_type not in ("MatMul", "Gemm"):
+            continue
+        a, b = node.inputs[0], node.inputs[1]
+        a_const, b_const = const_root(a) is not None, const_root(b) is not None
+        if not a_const and not b_const:
+            attention += 1
+            continue
+        if a_const and not b_const:
+            declined.append({"node": node.name, "reason": "constant operand on the left (W @ x) is not supported"})
+            continue
+        if a_const and b_const:
+            declined.append({"node": node.name, "reason": "both operands constant (fold it first)"})
+            continue
+        shape = _static_shape(b)
+        if shape is None or len(shape) != 2:
+            declined.append({"node": node.name, "reason": f"weight shape {shape} is not a static 2-D matrix"})
+            continue
+        k, n = shape
+        if node.op_type == "Gemm":
+            trans_b = node.attributes.get("transB")
+            if trans_b is not None and trans_b.value:
+                k, n = n, k
+        candidates.append((node, k, n))
+    linear = {id(node) for node, _, _ in candidates}
+    sites, group_of = [], {}
+    for index, (node, k, n) in enumerate(candidates):
+        consumes = node.inputs[0]
+        producer = consumes.producer()
+        thresholded = producer is not None and ops.is_threshold(producer)
+        source = producer.inputs[0] if thresholded else consumes
+        group = group_of.setdefault(source.name, len(group_of))
+        sites.append(Site(
+            index=index, node=node.name or f"{node.op_type}#{index}", op=node.op_type,
+            consumes=consumes.name, source=source.name, weight=const_root(node.inputs[1]).name,
+            in_features=int(k), out_features=int(n), head=_is_head(node, linear),
+            natural=natural_sparsity(source), threshold=producer.name if thresholded else None,
+            group=group))
+    return Analysis(sites, attention, declined, [node for node, _, _ in candidates])
