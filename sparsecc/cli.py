@@ -6,7 +6,7 @@ print one line and exit 2; -v adds tracebacks.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,10 +19,13 @@ from sparsecc.errors import SparseccError
 FLAG_PASSES = ("insert-thresholds", "calibrate-thresholds")
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more detail; tracebacks on errors")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress or logs on stderr")
-    p.add_argument("--json", action="store_true", help="print results as JSON on stdout, nothing else")
+def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """-v/-q/--json work before or after the subcommand (the subcommand's never reset the top's)."""
+    unset = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("-v", "--verbose", action="count", help="more detail; tracebacks on errors",
+                   **({"default": 0} if top else unset))
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress or logs on stderr", **unset)
+    p.add_argument("--json", action="store_true", help="print results as JSON on stdout, nothing else", **unset)
 
 
 def _add_data(p: argparse.ArgumentParser, flag: str, help: str) -> None:
@@ -37,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="sparsecc", description="Activation-sparsity compiler for event-driven hardware.")
     parser.add_argument("--version", action="version", version=f"sparsecc {__version__}")
+    _add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="insert and calibrate thresholds; write the compiled model and reports",
@@ -165,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sparsecc: interrupted; no output written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (e.g. piped into `head`): not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
     if args.json:
         print(reports.dumps(result), end="")
     return 0

@@ -11,8 +11,7 @@ import yaml
 
 from sparsecc import __version__, model_io, pipeline as pipelines
 from sparsecc import report as reports
-from sparsecc.data import FeedSource, NpzFeeds, TextWindows
-from sparsecc.errors import SparseccError
+from sparsecc.data import FeedSource, NpzFeeds, TextWindows, as_feed_source
 from sparsecc.pass_manager import Context, Pass, PassManager
 from sparsecc.progress import log
 from sparsecc.sites import analyze
@@ -37,13 +36,15 @@ class CompileResult:
     timings: dict[str, float]
 
 
-def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration: FeedSource | None = None,
+def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration: Any = None,
                   out: str | os.PathLike | None = None, target: str = "ort", data: dict | None = None,
                   cache_dir: Path | None = None, dump_after: tuple[str, ...] = (), seed: int = 0) -> CompileResult:
     """Run `passes` on the model at `model_path`; with `out`, write the model, reports and the
-    resolved configuration there atomically."""
+    resolved configuration there atomically. `calibration`: a FeedSource (see `data_source`),
+    any iterable of feed dicts, or an ONNX Runtime CalibrationDataReader."""
     from sparsecc import backends
 
+    calibration = as_feed_source(calibration)
     model_path = Path(model_path).resolve()
     if out is not None:
         model_io.check_output_dir(Path(out))  # fail before the expensive part
@@ -98,13 +99,3 @@ def evaluate(model_path: str | os.PathLike, source: FeedSource, reference: str |
             "model": str(Path(model_path).resolve()), "reference": str(Path(reference).resolve()) if reference else None,
             "data": source.describe(), "result": result}
 
-
-def default_passes(**options) -> list[Pass]:
-    return pipelines.default_pipeline(**options)
-
-
-def require_file(path: str | os.PathLike, what: str) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise SparseccError(f"{what} not found: {path}")
-    return path

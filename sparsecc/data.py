@@ -216,3 +216,13 @@ class IterableFeeds(FeedSource):
     def feeds(self, input_names):
         for item in self.items:
             yield {n: np.asarray(item[n]) for n in input_names}
+
+
+def as_feed_source(data: FeedSource | Iterable[dict] | object | None) -> FeedSource | None:
+    """Accept a FeedSource, an iterable of feed dicts, or a CalibrationDataReader."""
+    if data is None or isinstance(data, FeedSource):
+        return data
+    if hasattr(data, "get_next") or (isinstance(data, Iterable) and not isinstance(data, (str, bytes, os.PathLike))):
+        return IterableFeeds(data)
+    raise SparseccError(f"cannot use {type(data).__name__} as calibration data; give a FeedSource, "
+                        "an iterable of feed dicts, or a CalibrationDataReader")

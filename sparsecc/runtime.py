@@ -7,7 +7,6 @@ calibration and measurement, are added for the session only and removed afterwar
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -73,6 +72,3 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
             values[out.name] = out
     return values
 
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
