@@ -99,10 +99,13 @@ def _compile(args) -> dict:
         passes = [registry.get("discover-sites")()] + [registry.get(n)(options[n]) for n in FLAG_PASSES]
         data = {}
     data = {k: v for k, v in data.items() if v is not None}
-    for key in pipelines.DATA_KEYS:
+    for key in pipelines.DATA_KEYS:  # flags override the pipeline file's data
         given = getattr(args, "data" if key == "calib" else key)
         if given is not None:
-            data[key] = str(Path(given).resolve()) if key in ("calib", "tokenizer") else given
+            data[key] = given
+    for key in ("calib", "tokenizer"):  # absolute, so config.yaml works from any folder
+        if key in data:
+            data[key] = str(Path(data[key]).resolve())
     data.setdefault("seq_len", 256)
     source = compiler.data_source(data.get("calib"), data.get("tokenizer"), data["seq_len"], data.get("windows"))
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
@@ -142,17 +145,16 @@ def _list(args) -> dict:
     from sparsecc import backends, passes
 
     if args.what == "passes":
-        rows = {name: {"summary": cls.summary(), "options": {f.name: {"type": f.type_name(), "default": f.default, "doc": f.doc}
-                                                            for f in cfg.fields(cls.Config)}}
+        rows = {name: {"summary": cls.summary(), "options": cfg.schema(cls.Config)}
                 for name, cls in sorted(passes.registry().items())}
     else:
         rows = {name: {"summary": cls.description} for name, cls in backends.registry().items()}
     if not args.json:
         for name, row in rows.items():
             print(f"{name:24} {row['summary']}")
-            if args.verbose:
-                for opt, info in row.get("options", {}).items():
-                    print(f"    {opt} ({info['type']}, default {info['default']}): {info['doc']}")
+            if args.verbose and args.what == "passes":
+                for f in cfg.fields(passes.get(name).Config):
+                    print(f"    {f.name} ({f.type_name()}, default {f.default}): {f.doc}")
     return rows
 
 
