@@ -14,7 +14,6 @@ class DiscoverSites(Pass):
 
     def run(self, model: ir.Model, ctx: Context) -> dict:
         analysis = analyze(model.graph)
-        ctx.facts["sites"] = analysis
         sites = analysis.sites
         body = [s for s in sites if not s.head]
         return {

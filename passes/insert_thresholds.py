@@ -10,7 +10,7 @@ import onnx_ir as ir
 from sparsecc import ops
 from sparsecc.config import option
 from sparsecc.pass_manager import Context, Pass
-from sparsecc.sites import Site, analyze
+from sparsecc.sites import Site, activation_dtype, analyze
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +46,9 @@ class InsertThresholds(Pass):
             taken.add(name)
             first = nodes[members[0].index]
             x = first.inputs[0]
-            t = ir.Value(name=f"{name}.t", shape=ir.Shape([]), type=ir.TensorType(x.dtype or ir.DataType.FLOAT),
-                         const_value=ir.tensor(np.array(0, dtype=(x.dtype or ir.DataType.FLOAT).numpy())))
+            dtype = activation_dtype(first) or ir.DataType.FLOAT
+            t = ir.Value(name=f"{name}.t", shape=ir.Shape([]), type=ir.TensorType(dtype),
+                         const_value=ir.tensor(np.array(0, dtype=dtype.numpy())))
             graph.register_initializer(t)
             node = ops.make_threshold(x, t, name)
             graph.insert_before(first, node)

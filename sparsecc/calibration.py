@@ -20,7 +20,8 @@ import onnx_ir as ir
 
 from sparsecc.data import FeedSource
 from sparsecc.progress import bar, log
-from sparsecc.runtime import ort_session
+from sparsecc.model_io import fingerprint
+from sparsecc.runtime import load_session, saved_copy
 
 _SHIFT = 17                     # keep 8 exponent + 6 mantissa bits: 64 bins per octave
 BINS = 1 << (31 - _SHIFT)       # 16384
@@ -88,12 +89,13 @@ def collect(model: ir.Model, tensors: list[str], source: FeedSource, cache_dir: 
             desc: str = "calibrating") -> dict[str, AbsHistogram]:
     """One histogram of |x| per tensor over all feeds of `source`."""
     tensors = sorted(set(tensors))
-    with ort_session(model, tensors, with_key=True) as (session, model_key):
-        cache = _cache_path(cache_dir, model_key, source, tensors)
+    with saved_copy(model, tensors) as files:
+        cache = _cache_path(cache_dir, files, source, tensors)
         if cache is not None and cache.is_file():
             log(f"{desc}: reusing cached statistics {cache.name}")
             with np.load(cache) as data:
                 return {name: AbsHistogram(data[f"h{i}"]) for i, name in enumerate(tensors)}
+        session = load_session(files[0])
         hists = {name: AbsHistogram() for name in tensors}
         inputs = [i.name for i in session.get_inputs()]
         for feed in bar(source.feeds(inputs), total=len(source), desc=desc):
@@ -104,11 +106,13 @@ def collect(model: ir.Model, tensors: list[str], source: FeedSource, cache_dir: 
     return hists
 
 
-def _cache_path(cache_dir: Path | None, model_key: str, source: FeedSource, tensors: list[str]) -> Path | None:
+def _cache_path(cache_dir: Path | None, model_files: list[Path], source: FeedSource, tensors: list[str]) -> Path | None:
+    """Where statistics of exactly this saved model, data and tensor list are cached."""
     data_key = source.key()
     if cache_dir is None or data_key is None:
         return None
-    key = hashlib.sha256("\n".join([CACHE_VERSION, model_key, data_key, *tensors]).encode()).hexdigest()
+    parts = [CACHE_VERSION, fingerprint(model_files), data_key, *tensors]
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()
     return Path(cache_dir) / f"hist-{key[:32]}.npz"
 
 

@@ -12,6 +12,7 @@ import yaml
 from sparsecc import __version__, model_io, pipeline as pipelines
 from sparsecc import report as reports
 from sparsecc.data import FeedSource, NpzFeeds, TextWindows, as_feed_source
+from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, PassManager
 from sparsecc.progress import log
 from sparsecc.sites import analyze
@@ -38,7 +39,7 @@ class CompileResult:
 
 def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration: Any = None,
                   out: str | os.PathLike | None = None, target: str = "ort", data: dict | None = None,
-                  cache_dir: Path | None = None, dump_after: tuple[str, ...] = (), seed: int = 0) -> CompileResult:
+                  cache_dir: Path | None = None, dump_after: tuple[str, ...] = ()) -> CompileResult:
     """Run `passes` on the model at `model_path`; with `out`, write the model, reports and the
     resolved configuration there atomically. `calibration`: a FeedSource (see `data_source`),
     any iterable of feed dicts, or an ONNX Runtime CalibrationDataReader."""
@@ -50,7 +51,7 @@ def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration
         model_io.check_output_dir(Path(out))  # fail before the expensive part
     backend = backends.get(target)
     model = model_io.load_model(model_path)
-    ctx = Context(calibration=calibration, cache_dir=cache_dir, seed=seed)
+    ctx = Context(calibration=calibration, cache_dir=cache_dir)
     manager = PassManager(passes, dump_after=dump_after,
                           dump_dir=Path(out).with_name(Path(out).name + ".dumps") if out else None)
     pass_reports = manager.run(model, ctx)
@@ -84,7 +85,10 @@ def compiled_config(model_path: Path) -> dict[str, Any]:
     path = model_path.parent / CONFIG
     if not path.is_file():
         return {}
-    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise SparseccError(f"{path} is not valid YAML; pass --tokenizer/--reference explicitly or rewrite it") from None
     return spec if isinstance(spec, dict) else {}
 
 

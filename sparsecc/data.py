@@ -163,6 +163,8 @@ class TextWindows(FeedSource):
 
 class NpzFeeds(FeedSource):
     def __init__(self, path: str | os.PathLike, limit: int | None = None):
+        if limit is not None and limit < 1:
+            raise SparseccError(f"window count must be at least 1 (got {limit})")
         self.path = Path(path)
         if not self.path.is_file():
             raise SparseccError(f"feed file not found: {self.path}")

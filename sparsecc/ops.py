@@ -46,6 +46,8 @@ def ensure_threshold_function(model: ir.Model) -> None:
 def make_threshold(x: ir.Value, t: ir.Value, name: str) -> ir.Node:
     node = ir.Node(DOMAIN, THRESHOLD, [x, t], name=name, version=VERSION)
     node.outputs[0].name = f"{name}.out"
-    node.outputs[0].dtype = x.dtype
+    dtype = x.dtype or t.dtype  # t has x's type; x's may be undeclared (no value_info)
+    if dtype is not None:
+        node.outputs[0].dtype = dtype
     node.outputs[0].shape = x.shape
     return node

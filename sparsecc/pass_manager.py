@@ -22,12 +22,11 @@ from sparsecc.progress import log
 
 @dataclasses.dataclass
 class Context:
-    """What passes share besides the model: data, cache, and facts left by earlier passes."""
+    """What passes share besides the model: data and cache. Facts about the model itself live
+    in the model (ops, initializers), so every pass re-derives them from the graph it gets."""
 
     calibration: Any = None            # a sparsecc.data.FeedSource, for passes that calibrate
     cache_dir: Path | None = None      # calibration cache; None disables caching
-    seed: int = 0
-    facts: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

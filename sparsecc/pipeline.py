@@ -60,14 +60,20 @@ def from_spec(spec: Any, where: str = "pipeline") -> tuple[list[Pass], dict[str,
     for i, item in enumerate(spec["passes"], 1):
         if isinstance(item, str):
             item = {"pass": item}
-        if not isinstance(item, dict) or "pass" not in item:
+        if not isinstance(item, dict) or not isinstance(item.get("pass"), str):
             raise SparseccError(f"{where}: passes[{i}] needs a `pass:` name")
+        if not isinstance(item.get("id", ""), (str, type(None))):
+            raise SparseccError(f"{where}: passes[{i}]: `id` must be a string (got {item['id']!r})")
         options = {k: v for k, v in item.items() if k not in ("pass", "id")}
         cls = passes.get(item["pass"])
         built.append(cls(cfg.build(cls.Config, options, f"{where}: {item['pass']}"), id=item.get("id")))
     data = spec.get("data") or {}
     if not isinstance(data, dict) or set(data) - set(DATA_KEYS):
         raise SparseccError(f"{where}: `data:` takes only {', '.join(DATA_KEYS)}")
+    for key, value in data.items():
+        kind = str if key in ("calib", "tokenizer") else int
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise SparseccError(f"{where}: data: {key} must be {'a path' if kind is str else 'an integer'} (got {value!r})")
     return built, data
 
 

@@ -15,16 +15,14 @@ from pathlib import Path
 import onnx_ir as ir
 
 from sparsecc.errors import SparseccError
-from sparsecc.model_io import fingerprint, save_model
+from sparsecc.model_io import save_model
 
 
-def session_options(threads: int | None = None):
+def session_options():
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
     return opts
 
 
@@ -48,20 +46,22 @@ def saved_copy(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Iterator[l
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def ort_session(model: ir.Model, extra_outputs: Sequence[str] = (), threads: int | None = None,
-                with_key: bool = False):
-    """An ONNX Runtime session on `model`, returning `extra_outputs` too. With `with_key`,
-    yields (session, sha256 of the saved model) for caching results of this exact graph."""
+def load_session(path: Path):
+    """An ONNX Runtime CPU session on a saved model, with a one-line error on failure."""
     import onnxruntime as ort
 
+    try:
+        return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SparseccError(f"ONNX Runtime cannot load the model: {first}") from None
+
+
+@contextlib.contextmanager
+def ort_session(model: ir.Model, extra_outputs: Sequence[str] = ()):
+    """An ONNX Runtime session on `model` that also returns `extra_outputs`."""
     with saved_copy(model, extra_outputs) as files:
-        try:
-            session = ort.InferenceSession(str(files[0]), session_options(threads), providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SparseccError(f"ONNX Runtime cannot load the model: {first}") from None
-        yield (session, fingerprint(files)) if with_key else session
+        yield load_session(files[0])
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:

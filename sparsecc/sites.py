@@ -151,11 +151,34 @@ def natural_sparsity(value: ir.Value) -> str | None:
     return None
 
 
+def activation_dtype(node: ir.Node) -> ir.DataType | None:
+    """Element type of a site's activation: as declared, else that of its weight operand
+    (MatMul and Gemm take one type), followed back through the weight path."""
+    if node.inputs[0].dtype is not None:
+        return node.inputs[0].dtype
+    value = node.inputs[1]
+    while value is not None and value.dtype is None:
+        producer = value.producer()
+        if producer is None:
+            return None
+        if producer.op_type == "Cast":
+            return ir.DataType(producer.attributes["to"].value)
+        if producer.op_type == "Constant":
+            attr = producer.attributes.get("value")
+            return attr.value.dtype if attr is not None else None
+        # DequantizeLinear yields its scale's type; the other weight-path ops keep their input's.
+        value = producer.inputs[1] if producer.op_type == "DequantizeLinear" else producer.inputs[0]
+    return value.dtype if value is not None else None
+
+
 def _is_head(node: ir.Node, linear: set[int]) -> bool:
     """Does `node`'s output reach a graph output through ops whose other inputs are constant?"""
-    frontier = [node.outputs[0]]
+    frontier, seen = [node.outputs[0]], set()
     while frontier:
         value = frontier.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
         if value.is_graph_output():
             return True
         for user, index in value.uses():
