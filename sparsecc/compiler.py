@@ -49,6 +49,8 @@ def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration
     model_path = Path(model_path).resolve()
     if out is not None:
         model_io.check_output_dir(Path(out))  # fail before the expensive part
+    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise SparseccError(f"cache path {cache_dir} is a file; pass a folder with --cache-dir or use --no-cache")
     backend = backends.get(target)
     model = model_io.load_model(model_path)
     ctx = Context(calibration=calibration, cache_dir=cache_dir)
@@ -70,11 +72,10 @@ def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration
         with model_io.atomic_dir(out) as tmp:
             files = model_io.save_model(model, tmp / "model.onnx")
             report["target"]["artifacts"] = backend.lower(model, tmp)
-            report["outputs"] = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file()) + \
-                [CONFIG, "report.json", "report.md"]
             (tmp / CONFIG).write_text(pipelines.dump(spec), encoding="utf-8")
             (tmp / "report.md").write_text(reports.compile_markdown(report), encoding="utf-8")
             (tmp / "timings.json").write_text(reports.dumps(timings), encoding="utf-8")
+            report["outputs"] = sorted([str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file()] + ["report.json"])
             (tmp / "report.json").write_text(reports.dumps(report), encoding="utf-8")
         log(f"wrote {Path(out)}/ ({', '.join(f.name for f in files)}, report.json, report.md, {CONFIG})")
     return CompileResult(model, report, timings)

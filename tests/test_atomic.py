@@ -1,0 +1,97 @@
+"""Output folders are replaced atomically: an interrupted run leaves nothing behind and an
+earlier output untouched; a successful one replaces an earlier output completely."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from conftest import listing
+from sparsecc.passes.calibrate_thresholds import CalibrateThresholds
+from sparsecc.passes.insert_thresholds import InsertThresholds
+
+import sparsecc
+from sparsecc import cli, model_io, report
+from sparsecc.calibration import AbsHistogram
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def _compile(model, npz, out, *extra):
+    return cli.main(["compile", str(model), "--calib", str(npz), "-o", str(out), "--no-cache", *extra])
+
+
+@pytest.mark.parametrize("where", ["insert-thresholds", "calibration", "saving"])
+def test_interrupt_writes_nothing(where, mlp_path, mlp_npz, tmp_path, monkeypatch, capsys):
+    target = {"insert-thresholds": (InsertThresholds, "run"), "calibration": (AbsHistogram, "add"),
+              "saving": (model_io, "save_model")}[where]
+    monkeypatch.setattr(*target, _interrupt)
+    work = tmp_path / "work"
+    work.mkdir()
+    assert _compile(mlp_path, mlp_npz, work / "out") == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert list(work.iterdir()) == []   # no output, no temporary folder
+    # (the autouse fixture also checks that ONNX Runtime's temporary model copies are gone)
+
+
+@pytest.mark.parametrize("where", ["calibrate-thresholds", "report"])
+def test_interrupt_keeps_the_previous_output(where, mlp_path, mlp_npz, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    out = work / "out"
+    assert _compile(mlp_path, mlp_npz, out, "--sparsity", "0.3") == 0
+    before = listing(work)
+    if where == "report":   # fails inside the temporary folder, after model.onnx is written
+        monkeypatch.setattr(report, "compile_markdown", _interrupt)
+    else:
+        monkeypatch.setattr(CalibrateThresholds, "run", _interrupt)
+    assert _compile(mlp_path, mlp_npz, out, "--sparsity", "0.7") == 130
+    assert listing(work) == before
+
+
+def test_interrupt_through_the_python_api(mlp_path, tmp_path, monkeypatch):
+    from conftest import mlp_feeds
+
+    monkeypatch.setattr(CalibrateThresholds, "run", _interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        sparsecc.compile_model(mlp_path, sparsecc.default_pipeline(), mlp_feeds(2), out=tmp_path / "work" / "out")
+    assert not (tmp_path / "work").exists()
+
+
+def test_previous_output_is_replaced_cleanly(mlp_path, mlp_npz, tmp_path, capsys):
+    work = tmp_path / "work"
+    out = work / "out"
+    assert _compile(mlp_path, mlp_npz, out, "--sparsity", "0.3") == 0
+    (out / "stale-extra-file.txt").write_text("from an older run")
+    old_model = (out / "model.onnx").read_bytes()
+    assert _compile(mlp_path, mlp_npz, out, "--sparsity", "0.7") == 0
+    assert sorted(p.name for p in work.iterdir()) == ["out"]   # no .out.tmp-* / .out.old-* left
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.onnx", "report.json", "report.md",
+                                                     "timings.json"]
+    assert json.loads((out / "report.json").read_text())["passes"][2]["details"]["target"] == 0.7
+    assert (out / "model.onnx").read_bytes() != old_model
+    # An existing empty folder may be used as well.
+    empty = work / "empty"
+    empty.mkdir()
+    assert _compile(mlp_path, mlp_npz, empty) == 0
+    assert (empty / "model.onnx").is_file()
+    assert sorted(p.name for p in work.iterdir()) == ["empty", "out"]
+
+
+def test_atomic_dir_directly(tmp_path):
+    work = tmp_path / "work"
+    out = work / "o"
+    with pytest.raises(RuntimeError), model_io.atomic_dir(out) as tmp:
+        (tmp / "partial").write_text("x")
+        raise RuntimeError("boom")
+    assert list(work.iterdir()) == []
+    with model_io.atomic_dir(out) as tmp:
+        (tmp / "report.json").write_text("{}")
+        assert not out.exists()
+    assert sorted(p.name for p in work.iterdir()) == ["o"]
+    assert (out / "report.json").read_text() == "{}"
+    # The output is an ordinary folder (permissions from the umask), not a private temporary one.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
