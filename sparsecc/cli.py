@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-reference", action="store_true", help="skip the comparison")
     e.add_argument("-o", "--out", help="also write report.json and report.md to this folder")
 
-    ls = sub.add_parser("list", help="list passes or backends")
-    ls.add_argument("what", choices=["passes", "backends"])
+    ls = sub.add_parser("list", help="list passes, backends or targets")
+    ls.add_argument("what", choices=["passes", "backends", "targets"])
     for p in (c, e, ls):
         _add_common(p)
     return parser
@@ -147,14 +147,24 @@ def _list(args) -> dict:
     if args.what == "passes":
         rows = {name: {"summary": cls.summary(), "options": cfg.schema(cls.Config)}
                 for name, cls in sorted(passes.registry().items())}
-    else:
+    elif args.what == "backends":
         rows = {name: {"summary": cls.description} for name, cls in backends.registry().items()}
+    else:
+        from sparsecc.target import builtin, load_target
+
+        rows = {}
+        for name in builtin():
+            t = load_target(name)
+            rows[name] = {"summary": f"{t.cores} cores ({t['mesh']['rows']}x{t['mesh']['cols']}): {t.description}",
+                          "file": str(t.path), "assumed": t.assumptions()}
     if not args.json:
         for name, row in rows.items():
             print(f"{name:24} {row['summary']}")
             if args.verbose and args.what == "passes":
                 for f in cfg.fields(passes.get(name).Config):
                     print(f"    {f.name} ({f.type_name()}, default {f.default}): {f.doc}")
+            if args.verbose and args.what == "targets":
+                print(f"    file: {row['file']}\n    assumed (not published): {', '.join(row['assumed'])}")
     return rows
 
 
