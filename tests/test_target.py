@@ -48,7 +48,7 @@ def edit(tmp_path, pattern: str, replacement: str):
 @pytest.mark.parametrize("pattern, replacement, mention", [
     (r"^mld = .*$", "", "energy_pj.mld is missing"),
     (r"^mld = \{ value = 3.7", "mld = { value = -3.7", "energy_pj.mld must not be negative"),
-    (r"^rows = \{ value = 24", "rows = { value = 0", "mesh.rows must be a whole number"),
+    (r"^rows = \{ value = 32", "rows = { value = 0", "mesh.rows must be a whole number"),
     (r"^npes = \{ value = 8", "npes = { value = 2.5", "core.npes must be a whole number"),
     (r"^add = \{ value = 1.4", 'add = { value = "cheap"', "energy_pj.add must be a number"),
     (r'^mul = \{ value = 1.4, source = "published"', 'mul = { value = 1.4, source = "guessed"', "source must be"),
@@ -71,7 +71,7 @@ def test_unknown_target_name():
 
 
 def test_user_target_file_loads(tmp_path):
-    path = edit(tmp_path, r"^rows = \{ value = 24", "rows = { value = 4")
+    path = edit(tmp_path, r"^rows = \{ value = 32", "rows = { value = 4")
     t = load_target(path)
     assert t["mesh"]["rows"] == 4 and t.cores == 4 * t["mesh"]["cols"]
 
@@ -79,4 +79,4 @@ def test_user_target_file_loads(tmp_path):
 def test_list_targets(capsys):
     assert cli.main(["list", "targets", "-v"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("seneca") and "576 cores" in out and "clock.frequency_hz" in out
+    assert out.startswith("seneca") and "1024 cores" in out and "clock.frequency_hz" in out
