@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pipeline", metavar="YAML", help="pipeline file; replaces the pass options below")
     c.add_argument("--target", default="ort", help="backend to lower to (see `sparsecc list backends`)")
     _add_data(c, "--calib", "calibration data: a text file, a folder of .txt files, or an .npz of feeds")
-    c.add_argument("--cache-dir", type=Path, default=None, help=f"calibration cache (default {default_cache_dir()})")
+    c.add_argument("--cache-dir", type=Path, default=None, metavar="DIR", help=f"calibration cache (default {default_cache_dir()})")
     c.add_argument("--no-cache", action="store_true", help="do not read or write the calibration cache")
     c.add_argument("--dump-after", action="append", default=[], metavar="PASS",
                    help="write the IR as text after this pass (id or name) to OUT.dumps/")
