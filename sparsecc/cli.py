@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from sparsecc import __version__, compiler, config as cfg, pipeline as pipelines, progress
@@ -168,7 +170,13 @@ def _list(args) -> dict:
     return rows
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so temporary folders are removed
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = build_parser().parse_args(argv)
     progress.set_verbosity(0 if args.quiet or args.json else 1 + args.verbose)
     try:

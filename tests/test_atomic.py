@@ -95,3 +95,30 @@ def test_atomic_dir_directly(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_real_signal_during_calibration_leaves_nothing(sig, tmp_path):
+    """A real signal to the `sparsecc` process while it calibrates: exit 130/143, no output,
+    no temporary model copy left in TMPDIR."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import SAMPLE, SAMPLE_MODEL, VALID_TXT
+
+    work, scratch = tmp_path / "work", tmp_path / "scratch"
+    work.mkdir()
+    scratch.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sparsecc.cli", "compile", str(SAMPLE_MODEL), "--calib", str(VALID_TXT),
+         "--tokenizer", str(SAMPLE), "-o", str(work / "out"), "--no-cache", "--refine", "20", "--seq-len", "64"],
+        stderr=subprocess.PIPE, text=True, env=os.environ | {"TMPDIR": str(scratch)})
+    for line in proc.stderr:  # wait until calibration is under way
+        if "calibrate-thresholds" in line:
+            break
+    proc.send_signal(getattr(signal, sig))
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 128 + getattr(signal, sig), err
+    assert list(work.iterdir()) == []
+    assert list(scratch.iterdir()) == []
