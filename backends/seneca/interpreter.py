@@ -1,0 +1,152 @@
+"""Reference interpreter of sparsecc's SENECA-style ISA: one core, one instruction at a time.
+
+It defines what every instruction does, exactly (16-bit float lanes, two roundings for MAC,
+which the ISA costs as MUL + ADD), and counts every executed instruction by mnemonic. It is
+slow by design; the simulator executes handlers vectorised and is tested against it.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from sparsecc.errors import SparseccError
+from sparsecc.isa import Instruction
+
+LANES = 8
+F16 = np.float16
+
+
+@dataclasses.dataclass
+class Event:
+    channel: int
+    value: np.float16
+
+
+@dataclasses.dataclass
+class Core:
+    """Architectural state of one core."""
+
+    memory_words: int
+    registers: int = 64
+    x: list[int] = dataclasses.field(default_factory=lambda: [0] * 32)
+    inbox: collections.deque = dataclasses.field(default_factory=collections.deque)
+    captured: list[Event] = dataclasses.field(default_factory=list)
+    sent: list[tuple[int, list[Event]]] = dataclasses.field(default_factory=list)   # (route, events)
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    events_captured: int = 0
+
+    def __post_init__(self):
+        self.r = np.zeros((self.registers, LANES), F16)
+        self.memory = np.zeros(self.memory_words, np.uint16)
+
+    def load(self, address: int) -> np.ndarray:
+        if not 0 <= address <= self.memory_words - LANES:
+            raise SparseccError(f"data memory access at word {address} is outside 0..{self.memory_words - 1}")
+        return self.memory[address:address + LANES].view(F16).copy()
+
+    def store(self, address: int, lanes: np.ndarray) -> None:
+        self.load(address)  # bounds check
+        self.memory[address:address + LANES] = lanes.astype(F16).view(np.uint16)
+
+
+def run(core: Core, program: list[Instruction], max_steps: int = 10_000_000) -> None:
+    """Execute `program` from its first instruction until HALT."""
+    pc, steps, loops = 0, 0, []   # loops: [start, end, remaining]
+    r, x = core.r, core.x
+    while True:
+        if not 0 <= pc < len(program):
+            raise SparseccError(f"program counter {pc} left the program (no HALT)")
+        steps += 1
+        if steps > max_steps:
+            raise SparseccError(f"program ran over {max_steps} instructions")
+        ins = program[pc]
+        op, a = ins.op, ins.args
+        core.counts[op] += 1
+        nxt = pc + 1
+        if op in ("ADD", "SUB", "MUL", "MAX", "MIN"):
+            fn = {"ADD": np.add, "SUB": np.subtract, "MUL": np.multiply, "MAX": np.maximum, "MIN": np.minimum}[op]
+            r[a[0]] = fn(r[a[1]], r[a[2]]).astype(F16)
+        elif op == "MAC":
+            r[a[0]] = (r[a[0]] + (r[a[1]] * r[a[2]]).astype(F16)).astype(F16)
+        elif op in ("GTH", "EQL"):
+            mask = r[a[1]] > r[a[2]] if op == "GTH" else r[a[1]] == r[a[2]]
+            r[a[0]] = mask.astype(F16)
+        elif op == "ABS":
+            r[a[0]] = np.abs(r[a[1]])
+        elif op in ("AND", "ORR"):
+            fn = np.bitwise_and if op == "AND" else np.bitwise_or
+            r[a[0]] = fn(r[a[1]].view(np.uint16), r[a[2]].view(np.uint16)).view(F16)
+        elif op in ("SHL", "SHR"):
+            bits = r[a[1]].view(np.uint16).astype(np.uint32)
+            shifted = bits << a[2] if op == "SHL" else bits >> a[2]
+            r[a[0]] = (shifted & 0xFFFF).astype(np.uint16).view(F16)
+        elif op == "I2F":
+            r[a[0]] = r[a[1]].view(np.int16).astype(F16)
+        elif op == "RND":
+            r[a[0]] = np.rint(r[a[1]]).astype(F16)
+        elif op in ("ADD8", "MUL8", "MAC8"):  # two int8 lanes per 16-bit word, wrapping
+            lhs, rhs = r[a[1]].view(np.int8).astype(np.int16), r[a[2]].view(np.int8).astype(np.int16)
+            acc = r[a[0]].view(np.int8).astype(np.int16)
+            out = {"ADD8": lhs + rhs, "MUL8": lhs * rhs, "MAC8": acc + lhs * rhs}[op]
+            r[a[0]] = out.astype(np.int8).view(F16)
+        elif op == "MLD":
+            r[a[0]] = core.load(x[a[1]] + a[2])
+        elif op == "MST":
+            core.store(x[a[1]] + a[2], r[a[0]])
+        elif op == "VSET":
+            r[a[0]] = np.array(x[a[1]] & 0xFFFF, np.uint16).view(F16)
+        elif op == "EVC":
+            for lane in np.flatnonzero(r[a[0]] != 0):
+                core.captured.append(Event(x[a[1]] + int(lane), r[a[0]][lane]))
+                core.events_captured += 1
+        elif op == "LW":
+            x[a[0]] = int(core.memory[_word(core, x[a[1]] + a[2])])
+        elif op == "SW":
+            core.memory[_word(core, x[a[1]] + a[2])] = x[a[0]] & 0xFFFF
+        elif op == "LI":
+            x[a[0]] = a[1]
+        elif op == "ADDI":
+            x[a[0]] = x[a[1]] + a[2]
+        elif op == "ADDX":
+            x[a[0]] = x[a[1]] + x[a[2]]
+        elif op == "MULX":
+            x[a[0]] = x[a[1]] * x[a[2]]
+        elif op == "LOOP":
+            if x[a[0]] > 0:
+                loops.append([nxt, nxt + a[1], x[a[0]]])
+            else:
+                nxt = pc + 1 + a[1]
+        elif op in ("BEQ", "BNE"):
+            if (x[a[0]] == x[a[1]]) == (op == "BEQ"):
+                nxt = pc + a[2]
+        elif op == "JMP":
+            nxt = pc + a[0]
+        elif op == "RECV":
+            if core.inbox:
+                event = core.inbox.popleft()
+                x[a[0]], x[a[1]] = event.channel, int(np.array(event.value, F16).view(np.uint16))
+            else:
+                nxt = pc + a[2]
+        elif op == "SEND":
+            core.sent.append((a[0], core.captured))
+            core.captured = []
+        elif op == "SYNC":
+            pass
+        elif op == "HALT":
+            return
+        x[0] = 0
+        if loops and nxt == loops[-1][1]:  # end of a loop body: repeat or leave
+            loops[-1][2] -= 1
+            if loops[-1][2] > 0:
+                nxt = loops[-1][0]
+            else:
+                loops.pop()
+        pc = nxt
+
+
+def _word(core: Core, address: int) -> int:
+    if not 0 <= address < core.memory_words:
+        raise SparseccError(f"data memory access at word {address} is outside 0..{core.memory_words - 1}")
+    return address
