@@ -9,8 +9,9 @@ from sparsecc.pass_manager import Pass
 from sparsecc.passes.calibrate_thresholds import CalibrateThresholds
 from sparsecc.passes.discover_sites import DiscoverSites
 from sparsecc.passes.insert_thresholds import InsertThresholds
+from sparsecc.passes.partition import Partition
 
-BUILTIN: dict[str, type[Pass]] = {p.name: p for p in (DiscoverSites, InsertThresholds, CalibrateThresholds)}
+BUILTIN: dict[str, type[Pass]] = {p.name: p for p in (DiscoverSites, InsertThresholds, CalibrateThresholds, Partition)}
 
 
 def registry() -> dict[str, type[Pass]]:
