@@ -3,6 +3,8 @@ NumPy model of the same 16-bit arithmetic, zero activations cost nothing, and th
 instruction counts follow the emitted program exactly."""
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 from sparsecc.backends.seneca.codegen import LinearTile, linear_handler
@@ -138,3 +140,29 @@ def test_interpreter_semantics():
     assert core.memory[40] == 0x0103 and core.x[5] == 5
     assert core.counts["ADD"] == 3 and core.counts["BNE"] == 5
     assert [(e.channel, float(e.value)) for e in core.sent[0][1]] == [(5 + i, 1.0) for i in range(8)]
+
+
+@pytest.mark.parametrize("registers", [64, 10])
+def test_vectorised_tile_equals_interpreter(registers):
+    from sparsecc.backends.seneca.linear import run_tile
+
+    rng = np.random.default_rng(1)
+    weights = rng.standard_normal((16, 30)).astype(F16)
+    tile = LinearTile("t", 3, 14, 5, 27, weight_base=32)
+    x = rng.standard_normal((5, 16)).astype(F16)
+    x[np.abs(x) < 0.7] = 0                           # about half the activations are events
+    x[2] = 0                                          # a token with no event at all
+    out, counts, events, captured = run_tile(tile, weights[tile.k0:tile.k1, tile.n0:tile.n1], x[:, tile.k0:tile.k1], registers)
+    want_counts, want_events, want_captured = collections.Counter(), 0, 0
+    for t in range(len(x)):
+        step = [Event(c, x[t, c]) for c in range(tile.k0, tile.k1) if x[t, c] != 0]
+        core = simulate(tile, weights, step, registers)
+        got = np.zeros(tile.n1 - tile.n0, F16)
+        for e in core.sent[0][1]:
+            got[e.channel - tile.n0] = e.value
+        np.testing.assert_array_equal(out[t], got)
+        want_counts += core.counts
+        want_events += len(step)
+        want_captured += core.events_captured
+    assert counts == want_counts
+    assert (events, captured) == (want_events, want_captured)
