@@ -2,7 +2,7 @@
 
 Done so far: the reference interpreter of the ISA (`interpreter`), the event handler of a
 linear tile (`codegen.linear_handler`) and its vectorised execution with the interpreter's
-exact instruction counts (`linear.run_tile`). Not yet: energy and latency costing from the
-target file, dense handlers for the other ops, the whole-model simulator with NoC transport,
+exact instruction counts (`linear.run_tile`), energy by category and cycles from the target
+file (`cost`). Not yet: dense handlers for the other ops, the whole-model simulator with NoC transport,
 the `sparsecc simulate` command and the entry-point registration.
 """
