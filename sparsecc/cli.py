@@ -16,6 +16,7 @@ from sparsecc import __version__, compiler, config as cfg, pipeline as pipelines
 from sparsecc import report as reports
 from sparsecc.calibration import default_cache_dir
 from sparsecc.errors import SparseccError
+from sparsecc.model_io import atomic_dir, check_output_dir
 
 # The pass options the compile command exposes as flags (from the passes' typed configs).
 FLAG_PASSES = ("insert-thresholds", "calibrate-thresholds")
@@ -129,12 +130,12 @@ def _eval(args) -> dict:
     seq_len = args.seq_len or data.get("seq_len", 256)
     if args.data is None:
         raise SparseccError("eval needs data: pass --ppl TEXT (with --tokenizer) or --ppl FEEDS.npz")
+    if args.out:
+        check_output_dir(Path(args.out))  # before the long part, not after it
     source = compiler.data_source(args.data, tokenizer, seq_len, args.windows)
     reference = None if args.no_reference else (args.reference or saved.get("source"))
     result = compiler.evaluate(model, source, reference)
     if args.out:
-        from sparsecc.model_io import atomic_dir
-
         with atomic_dir(args.out) as tmp:
             (tmp / "report.md").write_text(reports.eval_markdown(result), encoding="utf-8")
             (tmp / "report.json").write_text(reports.dumps(result), encoding="utf-8")

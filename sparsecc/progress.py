@@ -15,10 +15,6 @@ def set_verbosity(level: int) -> None:
     _level = level
 
 
-def verbosity() -> int:
-    return _level
-
-
 def log(message: str, level: int = 1) -> None:
     if _level >= level:
         print(message, file=sys.stderr, flush=True)
