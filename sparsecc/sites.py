@@ -22,7 +22,8 @@ import onnx_ir as ir
 from sparsecc import ops
 
 # Ops a constant weight may pass through on its way to the MatMul.
-_WEIGHT_PATH = {"Transpose", "Cast", "Reshape", "DequantizeLinear", "Identity", "Squeeze", "Unsqueeze"}
+# (Mul: a grouped scale, as quantize-weights writes for blocks; its other input must be constant too.)
+_WEIGHT_PATH = {"Transpose", "Cast", "Reshape", "DequantizeLinear", "Identity", "Squeeze", "Unsqueeze", "Mul"}
 # Ops that change neither which elements are zero nor how many.
 _LAYOUT = {"Reshape", "Transpose", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten"}
 
@@ -232,3 +233,38 @@ def analyze(graph: ir.Graph) -> Analysis:
             natural=natural_sparsity(source), threshold=producer.name if thresholded else None,
             group=group))
     return Analysis(sites, attention, declined, [node for node, _, _ in candidates])
+
+
+def weight_array(value: ir.Value) -> np.ndarray:
+    """The numeric value of a constant-rooted weight operand, computed through its weight path."""
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node.op_type == "Constant":
+        return node.attributes["value"].value.numpy()
+    x = weight_array(node.inputs[0])
+    attr = node.attributes.get
+    if node.op_type == "Transpose":
+        return np.transpose(x, attr("perm").value if attr("perm") is not None else None)
+    if node.op_type == "Cast":
+        return x.astype(ir.DataType(attr("to").value).numpy())
+    if node.op_type == "Reshape":
+        shape = [x.shape[i] if d == 0 else int(d) for i, d in enumerate(weight_array(node.inputs[1]))]
+        return x.reshape(shape)
+    if node.op_type in ("Squeeze", "Unsqueeze"):
+        axes = weight_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        if node.op_type == "Squeeze":
+            return np.squeeze(x, tuple(axes)) if axes is not None else np.squeeze(x)
+        return np.expand_dims(x, tuple(int(a) for a in axes))
+    if node.op_type == "Mul":
+        return x * weight_array(node.inputs[1])
+    if node.op_type == "DequantizeLinear":
+        scale = weight_array(node.inputs[1])
+        zero = weight_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else 0
+        axis = attr("axis").value if attr("axis") is not None else 1
+        if np.ndim(scale) == 1 and x.ndim > 1:  # per-axis: line the scale up with `axis`
+            shape = [1] * x.ndim
+            shape[axis] = -1
+            scale, zero = scale.reshape(shape), np.reshape(zero, shape) if np.ndim(zero) else zero
+        return ((x.astype(np.float32) - zero) * scale).astype(scale.dtype)
+    return x  # Identity
