@@ -38,10 +38,18 @@ def _add_data(p: argparse.ArgumentParser, flag: str, help: str) -> None:
     p.add_argument("--windows", type=int, metavar="N", help="use N windows spread over the data (default: all)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the same one-line form as every other error."""
+
+    def error(self, message: str):
+        print(f"sparsecc: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sparsecc import passes
 
-    parser = argparse.ArgumentParser(prog="sparsecc", description="Activation-sparsity compiler for event-driven hardware.")
+    parser = _Parser(prog="sparsecc", description="Activation-sparsity compiler for event-driven hardware.")
     parser.add_argument("--version", action="version", version=f"sparsecc {__version__}")
     _add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(c, "--calib", "calibration data: a text file, a folder of .txt files, or an .npz of feeds")
     c.add_argument("--cache-dir", type=Path, default=None, metavar="DIR", help=f"calibration cache (default {default_cache_dir()})")
     c.add_argument("--no-cache", action="store_true", help="do not read or write the calibration cache")
+    c.add_argument("--quant", choices=sorted(pipelines.QUANT), help="quantize weights first: w8 = int8 per output "
+                   "channel, w4 = int4 in groups of 32 input channels (the quantize-weights pass)")
     c.add_argument("--dump-after", action="append", default=[], metavar="PASS",
                    help="write the IR as text after this pass (id or name) to OUT.dumps/")
     group = c.add_argument_group("pass options (from the passes' configs)")
@@ -89,6 +99,8 @@ def _compile(args) -> dict:
     flag_values = {f.name: getattr(args, f.name) for name in FLAG_PASSES for f in cfg.fields(registry.get(name).Config)}
     flag_values = {k: v for k, v in flag_values.items() if v is not None}
     if args.pipeline:
+        if args.quant:
+            flag_values["quant"] = args.quant
         if flag_values:
             raise SparseccError(f"--{next(iter(flag_values)).replace('_', '-')} conflicts with --pipeline; "
                                 "set pass options in the pipeline file")
@@ -99,7 +111,8 @@ def _compile(args) -> dict:
             cls = registry.get(name)
             own = {f.name: flag_values[f.name] for f in cfg.fields(cls.Config) if f.name in flag_values}
             options[name] = cfg.build(cls.Config, own, name)  # validates early, with the flag's name
-        passes = [registry.get("discover-sites")()] + [registry.get(n)(options[n]) for n in FLAG_PASSES]
+        passes = pipelines.default_pipeline(**{**cfg.to_dict(options["insert-thresholds"]),
+                                               **cfg.to_dict(options["calibrate-thresholds"])}, quant=args.quant)
         data = {}
     data = {k: v for k, v in data.items() if v is not None}
     for key in pipelines.DATA_KEYS:  # flags override the pipeline file's data

@@ -33,13 +33,21 @@ SCHEMA = "sparsecc.pipeline/1"
 DATA_KEYS = ("calib", "tokenizer", "seq_len", "windows")
 
 
+# --quant choices -> quantize-weights options
+QUANT = {"w8": {"bits": 8}, "w4": {"bits": 4, "group": 32}}
+
+
 def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_consumer: bool = False,
-                     include_head: bool = False, refine: int = 1) -> list[Pass]:
-    """The standard sparsification pipeline."""
+                     include_head: bool = False, refine: int = 1, quant: str | None = None) -> list[Pass]:
+    """The standard sparsification pipeline; with `quant` ("w8", "w4"), weights are quantized
+    first, so thresholds are calibrated on the quantized model."""
     from sparsecc import passes
 
+    if quant is not None and quant not in QUANT:
+        raise SparseccError(f"unknown weight quantization {quant!r}; choose one of {', '.join(QUANT)}")
     return [
         passes.get("discover-sites")(),
+        *([passes.get("quantize-weights")(**QUANT[quant])] if quant else []),
         passes.get("insert-thresholds")(per_consumer=per_consumer, include_head=include_head),
         passes.get("calibrate-thresholds")(sparsity=sparsity, mode=mode, refine=refine),
     ]

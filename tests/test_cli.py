@@ -134,3 +134,46 @@ def test_version_and_usage(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["compile"])
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("argv, mention", [
+    (["compile"], "required: model, -o/--out"),
+    (["compile", "m.onnx", "-o", "o", "--quant", "w3"], "invalid choice: 'w3'"),
+    (["simulate"], "invalid choice: 'simulate'"),
+    (["eval", "m.onnx", "--windows", "many"], "invalid int value: 'many'"),
+])
+def test_usage_errors_are_one_line(argv, mention, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("sparsecc: error: ") and mention in err[0]
+
+
+def test_quant_w8_then_thresholds(mlp_path, mlp_npz, tmp_path, capsys):
+    import onnx
+
+    out = tmp_path / "q"
+    assert cli.main(["compile", str(mlp_path), "--calib", str(mlp_npz), "--quant", "w8", "--sparsity", "0.4",
+                     "-o", str(out), "--no-cache"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [p["pass"] for p in report["passes"]] == ["discover-sites", "quantize-weights", "insert-thresholds",
+                                                     "calibrate-thresholds"]
+    assert report["passes"][1]["config"] == {"bits": 8, "group": 0, "include_head": True}
+    model = onnx.load(str(out / "model.onnx"))
+    kinds = {i.name: i.data_type for i in model.graph.initializer}
+    assert all(kinds[s["weight"]] == onnx.TensorProto.INT8 for s in report["sites"])
+    calib = report["passes"][3]["details"]
+    assert abs(calib["calibrated_model_sparsity"] - 0.4) < 0.01
+    # The resolved config replays the same run.
+    again = tmp_path / "again"
+    assert cli.main(["compile", str(mlp_path), "--pipeline", str(out / "config.yaml"), "--calib", str(mlp_npz),
+                     "-o", str(again), "--no-cache"]) == 0
+    assert (again / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+
+
+def test_quant_conflicts_with_pipeline(mlp_path, tmp_path, capsys):
+    (tmp_path / "p.yaml").write_text("passes: [discover-sites]\n")
+    assert cli.main(["compile", str(mlp_path), "--pipeline", str(tmp_path / "p.yaml"), "--quant", "w8",
+                     "-o", str(tmp_path / "o")]) == 2
+    assert "--quant conflicts with --pipeline" in capsys.readouterr().err
