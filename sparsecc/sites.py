@@ -116,12 +116,8 @@ def _static_shape(value: ir.Value) -> tuple[int, ...] | None:
 
 
 def _const_array(value: ir.Value | None) -> np.ndarray | None:
-    root = const_root(value)
-    if root is not value or value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    return value.producer().attributes["value"].value.numpy()
+    """The value of a constant operand (a shape, an exponent), else None."""
+    return weight_array(value) if value is not None and const_root(value) is not None else None
 
 
 def _skip_layout_back(value: ir.Value) -> ir.Value:
