@@ -7,15 +7,16 @@ v x row into the tile's outputs, 8 neurons per vector instruction; a zero activa
 no event and costs nothing. At the end of the step it captures an event for every non-zero
 output (channel n0 + neuron) and sends them along its route.
 
-Accumulators live in NPE registers when the tile's groups fit, otherwise in data memory
-(then each group costs a load and a store per event as well).
+Accumulators live in NPE registers (32-bit partial sums). When the tile has more groups than
+registers, the handler first buffers the step's events in data memory (channel, value: two
+words each) and then replays the buffer once per block of groups that fits the registers.
 """
 from __future__ import annotations
 
 import dataclasses
 
 ACC_FIRST = 8   # r0: broadcast event value, r1-r2: scratch, r8..: accumulators
-X_BASE, X_STRIDE, X_CHAN, X_VAL, X_ROW, X_OUT, X_ACC = range(1, 8)  # controller register roles (x0 is zero)
+X_BASE, X_STRIDE, X_CHAN, X_VAL, X_ROW, X_OUT, X_BUF, X_COUNT = range(1, 9)  # controller registers (x0 is zero)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,41 +38,55 @@ class LinearTile:
         return 8 * self.groups
 
     @property
-    def acc_base(self) -> int:
-        """Word address of the accumulators when they spill to data memory."""
+    def buffer_base(self) -> int:
+        """Word address of the event buffer (used when the groups take several register blocks)."""
         return self.weight_base + (self.k1 - self.k0) * self.row_words
+
+    @property
+    def buffer_words(self) -> int:
+        return 2 * (self.k1 - self.k0)
 
 
 def linear_handler(tile: LinearTile, registers: int = 64) -> str:
     """Assembly of one step of the tile's event handler."""
-    in_registers = tile.groups <= registers - ACC_FIRST
-    acc = [f"r{ACC_FIRST + g}" for g in range(tile.groups)] if in_registers else None
+    block = registers - ACC_FIRST
+    blocks = [range(g, min(g + block, tile.groups)) for g in range(0, tile.groups, block)]
     lines = [f"; linear tile {tile.name}: k[{tile.k0}:{tile.k1}] x n[{tile.n0}:{tile.n1}], "
-             f"{tile.groups} groups, accumulators in {'registers' if in_registers else 'data memory'}",
+             f"{tile.groups} groups in {len(blocks)} register block{'s' if len(blocks) > 1 else ''}",
              f"    LI    x{X_BASE}, {tile.weight_base}",
-             f"    LI    x{X_STRIDE}, {tile.row_words}",
-             f"    LI    x{X_ACC}, {tile.acc_base}"]
-    for g in range(tile.groups):  # clear the accumulators
-        if in_registers:
-            lines.append(f"    SUB   {acc[g]}, {acc[g]}, {acc[g]}")
-        else:
-            lines += (["    SUB   r2, r2, r2"] if g == 0 else []) + [f"    MST   r2, [x{X_ACC}+{8 * g}]"]
-    lines += ["event:",
-              f"    RECV  x{X_CHAN}, x{X_VAL}, end",
-              f"    ADDI  x{X_CHAN}, x{X_CHAN}, {-tile.k0}",
-              f"    MULX  x{X_ROW}, x{X_CHAN}, x{X_STRIDE}",
-              f"    ADDX  x{X_ROW}, x{X_ROW}, x{X_BASE}",
-              f"    VSET  r0, x{X_VAL}"]
-    for g in range(tile.groups):
-        lines.append(f"    MLD   r1, [x{X_ROW}+{8 * g}]")
-        if in_registers:
-            lines.append(f"    MAC   {acc[g]}, r1, r0")
-        else:
-            lines += [f"    MLD   r2, [x{X_ACC}+{8 * g}]", "    MAC   r2, r1, r0", f"    MST   r2, [x{X_ACC}+{8 * g}]"]
-    lines += ["    JMP   event", "end:", f"    LI    x{X_OUT}, {tile.n0}"]
-    for g in range(tile.groups):
-        if not in_registers:
-            lines.append(f"    MLD   r2, [x{X_ACC}+{8 * g}]")
-        lines += [f"    EVC   {acc[g] if in_registers else 'r2'}, x{X_OUT}", f"    ADDI  x{X_OUT}, x{X_OUT}, 8"]
+             f"    LI    x{X_STRIDE}, {tile.row_words}"]
+
+    def clear(groups):
+        return [f"    SUB   r{ACC_FIRST + i}, r{ACC_FIRST + i}, r{ACC_FIRST + i}" for i in range(len(groups))]
+
+    def accumulate(groups):  # the event (x_chan, x_val) into the block's accumulators
+        out = [f"    ADDI  x{X_CHAN}, x{X_CHAN}, {-tile.k0}",
+               f"    MULX  x{X_ROW}, x{X_CHAN}, x{X_STRIDE}",
+               f"    ADDX  x{X_ROW}, x{X_ROW}, x{X_BASE}",
+               f"    VSET  r0, x{X_VAL}"]
+        for i, g in enumerate(groups):
+            out += [f"    MLD   r1, [x{X_ROW}+{8 * g}]", f"    MAC   r{ACC_FIRST + i}, r1, r0"]
+        return out
+
+    def capture(groups):
+        out = [f"    LI    x{X_OUT}, {tile.n0 + 8 * groups[0]}"]
+        for i in range(len(groups)):
+            out += [f"    EVC   r{ACC_FIRST + i}, x{X_OUT}", f"    ADDI  x{X_OUT}, x{X_OUT}, 8"]
+        return out
+
+    if len(blocks) == 1:
+        lines += clear(blocks[0]) + ["event:", f"    RECV  x{X_CHAN}, x{X_VAL}, end"] + accumulate(blocks[0])
+        lines += ["    JMP   event", "end:"] + capture(blocks[0])
+    else:
+        lines += [f"    LI    x{X_BUF}, {tile.buffer_base}", f"    LI    x{X_COUNT}, 0",
+                  "event:", f"    RECV  x{X_CHAN}, x{X_VAL}, replay",
+                  f"    SW    x{X_CHAN}, [x{X_BUF}+0]", f"    SW    x{X_VAL}, [x{X_BUF}+1]",
+                  f"    ADDI  x{X_BUF}, x{X_BUF}, 2", f"    ADDI  x{X_COUNT}, x{X_COUNT}, 1",
+                  "    JMP   event", "replay:"]
+        for groups in blocks:
+            replay = [f"    LW    x{X_CHAN}, [x{X_BUF}+0]", f"    LW    x{X_VAL}, [x{X_BUF}+1]",
+                      f"    ADDI  x{X_BUF}, x{X_BUF}, 2"] + accumulate(groups)
+            lines += clear(groups) + [f"    LI    x{X_BUF}, {tile.buffer_base}", f"    LOOP  x{X_COUNT}, {len(replay)}"]
+            lines += replay + capture(groups)
     lines += [f"    SEND  {tile.route}", "    SYNC  0", "    HALT"]
     return "\n".join(lines) + "\n"

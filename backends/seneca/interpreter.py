@@ -1,8 +1,11 @@
 """Reference interpreter of sparsecc's SENECA-style ISA: one core, one instruction at a time.
 
-It defines what every instruction does, exactly (16-bit float lanes, two roundings for MAC,
-which the ISA costs as MUL + ADD), and counts every executed instruction by mnemonic. It is
-slow by design; the simulator executes handlers vectorised and is tested against it.
+It defines what every instruction does, exactly, and counts every executed instruction by
+mnemonic. Numerics: data memory, events and the NoC carry 16-bit floats; NPE registers hold
+32-bit partial results (the target's `numerics.register_bits`, an assumption: a 16-bit running
+sum over 1536 inputs would keep little precision), so a value is rounded to 16 bit when it is
+stored (MST) or leaves as an event (EVC). It is slow by design; the simulator executes
+handlers vectorised and is tested against it.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from sparsecc.isa import Instruction
 
 LANES = 8
 F16 = np.float16
+F32 = np.float32
 
 
 @dataclasses.dataclass
@@ -38,13 +42,13 @@ class Core:
     events_captured: int = 0
 
     def __post_init__(self):
-        self.r = np.zeros((self.registers, LANES), F16)
+        self.r = np.zeros((self.registers, LANES), F32)
         self.memory = np.zeros(self.memory_words, np.uint16)
 
     def load(self, address: int) -> np.ndarray:
         if not 0 <= address <= self.memory_words - LANES:
             raise SparseccError(f"data memory access at word {address} is outside 0..{self.memory_words - 1}")
-        return self.memory[address:address + LANES].view(F16).copy()
+        return self.memory[address:address + LANES].view(F16).astype(F32)
 
     def store(self, address: int, lanes: np.ndarray) -> None:
         self.load(address)  # bounds check
@@ -67,39 +71,40 @@ def run(core: Core, program: list[Instruction], max_steps: int = 10_000_000) -> 
         nxt = pc + 1
         if op in ("ADD", "SUB", "MUL", "MAX", "MIN"):
             fn = {"ADD": np.add, "SUB": np.subtract, "MUL": np.multiply, "MAX": np.maximum, "MIN": np.minimum}[op]
-            r[a[0]] = fn(r[a[1]], r[a[2]]).astype(F16)
+            r[a[0]] = fn(r[a[1]], r[a[2]])
         elif op == "MAC":
-            r[a[0]] = (r[a[0]] + (r[a[1]] * r[a[2]]).astype(F16)).astype(F16)
+            r[a[0]] = r[a[0]] + r[a[1]] * r[a[2]]
         elif op in ("GTH", "EQL"):
             mask = r[a[1]] > r[a[2]] if op == "GTH" else r[a[1]] == r[a[2]]
-            r[a[0]] = mask.astype(F16)
+            r[a[0]] = mask.astype(F32)
         elif op == "ABS":
             r[a[0]] = np.abs(r[a[1]])
-        elif op in ("AND", "ORR"):
+        elif op in ("AND", "ORR"):  # bit operations act on the 16-bit word
             fn = np.bitwise_and if op == "AND" else np.bitwise_or
-            r[a[0]] = fn(r[a[1]].view(np.uint16), r[a[2]].view(np.uint16)).view(F16)
+            r[a[0]] = _word16(fn(_bits(r[a[1]]), _bits(r[a[2]])))
         elif op in ("SHL", "SHR"):
-            bits = r[a[1]].view(np.uint16).astype(np.uint32)
+            bits = _bits(r[a[1]]).astype(np.uint32)
             shifted = bits << a[2] if op == "SHL" else bits >> a[2]
-            r[a[0]] = (shifted & 0xFFFF).astype(np.uint16).view(F16)
+            r[a[0]] = _word16((shifted & 0xFFFF).astype(np.uint16))
         elif op == "I2F":
-            r[a[0]] = r[a[1]].view(np.int16).astype(F16)
+            r[a[0]] = _bits(r[a[1]]).view(np.int16).astype(F32)
         elif op == "RND":
-            r[a[0]] = np.rint(r[a[1]]).astype(F16)
+            r[a[0]] = np.rint(r[a[1]])
         elif op in ("ADD8", "MUL8", "MAC8"):  # two int8 lanes per 16-bit word, wrapping
-            lhs, rhs = r[a[1]].view(np.int8).astype(np.int16), r[a[2]].view(np.int8).astype(np.int16)
-            acc = r[a[0]].view(np.int8).astype(np.int16)
+            lhs, rhs = _bits(r[a[1]]).view(np.int8).astype(np.int16), _bits(r[a[2]]).view(np.int8).astype(np.int16)
+            acc = _bits(r[a[0]]).view(np.int8).astype(np.int16)
             out = {"ADD8": lhs + rhs, "MUL8": lhs * rhs, "MAC8": acc + lhs * rhs}[op]
-            r[a[0]] = out.astype(np.int8).view(F16)
+            r[a[0]] = _word16(out.astype(np.int8).view(np.uint16))
         elif op == "MLD":
             r[a[0]] = core.load(x[a[1]] + a[2])
         elif op == "MST":
             core.store(x[a[1]] + a[2], r[a[0]])
         elif op == "VSET":
-            r[a[0]] = np.array(x[a[1]] & 0xFFFF, np.uint16).view(F16)
+            r[a[0]] = np.array(x[a[1]] & 0xFFFF, np.uint16).view(F16).astype(F32)
         elif op == "EVC":
-            for lane in np.flatnonzero(r[a[0]] != 0):
-                core.captured.append(Event(x[a[1]] + int(lane), r[a[0]][lane]))
+            values = r[a[0]].astype(F16)
+            for lane in np.flatnonzero(values != 0):
+                core.captured.append(Event(x[a[1]] + int(lane), values[lane]))
                 core.events_captured += 1
         elif op == "LW":
             x[a[0]] = int(core.memory[_word(core, x[a[1]] + a[2])])
@@ -144,6 +149,16 @@ def run(core: Core, program: list[Instruction], max_steps: int = 10_000_000) -> 
             else:
                 loops.pop()
         pc = nxt
+
+
+def _bits(lanes: np.ndarray) -> np.ndarray:
+    """The 16-bit words of a register's lanes (its values rounded to 16-bit float)."""
+    return lanes.astype(F16).view(np.uint16)
+
+
+def _word16(bits: np.ndarray) -> np.ndarray:
+    """Register lanes holding the 16-bit words `bits`."""
+    return bits.view(F16).astype(F32)
 
 
 def _word(core: Core, address: int) -> int:
