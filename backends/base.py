@@ -6,7 +6,8 @@ A backend is a class registered under the `sparsecc.backends` entry-point group:
     mychip = "mychip_sparsecc:MyChipBackend"
 
 It answers, per node, whether it can run it (`declines`: node -> reason, never a crash),
-and `lower` turns a compiled model into its own artifacts inside the output folder.
+`lower` turns a compiled model into its own artifacts inside the output folder, and
+`requires` names passes it needs (e.g. `partition`), which compile appends when missing.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import onnx_ir as ir
 class Backend:
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()   # passes compile appends (with defaults) when the pipeline lacks them
 
     def declines(self, model: ir.Model) -> dict[str, str]:
         """Nodes this backend cannot run, with the reason for each (empty: runs everything)."""

@@ -39,7 +39,7 @@ from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, require
 from sparsecc.placement import CATEGORIES, Mesh, Placement, Tile
 from sparsecc.sites import analyze, const_root
-from sparsecc.target import Target, load_target
+from sparsecc.target import Target, builtin, load_target
 
 WORD = 2          # bytes of a 16-bit activation, accumulator or constant
 MIB = 2**20
@@ -109,7 +109,7 @@ class Partition(Pass):
         # Weight-path nodes (a weight's Transpose, Cast, ...) are folded into the tiles: they sit with the first.
         op_part |= {name: homes[owner][0][1] for name, owner in found.followers.items()}
         placement = Placement(
-            target.name, mesh.rows, mesh.cols, c.weight_bits,
+            c.target if c.target in builtin() else str(target.path.resolve()), mesh.rows, mesh.cols, c.weight_bits,
             tiles=[Tile(node.name, cores[part], cut.k, cut.n, cut.weight_bytes, cut.state_bytes)
                    for node in graph if node.name in homes for cut, part in homes[node.name]],
             ops={name: cores[part] for name, part in op_part.items()},

@@ -1,4 +1,4 @@
-"""The `sparsecc` command: compile, eval, list.
+"""The `sparsecc` command: compile, eval, simulate, list.
 
 Results go to stdout (JSON with --json); progress and logs to stderr. Errors a user can fix
 print one line and exit 2; -v adds tracebacks.
@@ -86,9 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-reference", action="store_true", help="skip the comparison")
     e.add_argument("-o", "--out", help="also write report.json and report.md to this folder")
 
+    sm = sub.add_parser("simulate", help="run a seneca compile on the bundled instruction-level simulator",
+                        description="Simulate DIR (written by `sparsecc compile ... --target seneca -o DIR`) on windows of "
+                                    "--tokens tokens, sparse and dense baseline, checked against the ort backend; "
+                                    "writes report.json and report.md to DIR/simulation (or -o).")
+    sm.add_argument("dir", help="output folder of compile --target seneca")
+    sm.add_argument("--text", dest="data", metavar="PATH", required=True,
+                    help="text file or folder to take the tokens from, or an .npz of feeds")
+    sm.add_argument("--tokenizer", metavar="PATH", help="tokenizer (default: the one the model was compiled with)")
+    sm.add_argument("--tokens", type=int, default=64, metavar="N", help="tokens per window, BOS included (default 64)")
+    sm.add_argument("--windows", type=int, default=1, metavar="N", help="windows spread over the text (default 1)")
+    sm.add_argument("--no-compare", action="store_true", help="skip the check against the ort backend")
+    sm.add_argument("-o", "--out", help="report folder (default DIR/simulation; replaced atomically)")
+
     ls = sub.add_parser("list", help="list passes, backends or targets")
     ls.add_argument("what", choices=["passes", "backends", "targets"])
-    for p in (c, e, ls):
+    for p in (c, e, sm, ls):
         _add_common(p)
     return parser
 
@@ -157,6 +170,30 @@ def _eval(args) -> dict:
     return result
 
 
+def _simulate(args) -> dict:
+    from sparsecc.backends.seneca.backend import check_compiled, simulate
+
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise SparseccError(f"{folder} is not a folder; pass the -o folder of `sparsecc compile ... --target seneca`")
+    check_compiled(folder)
+    if args.tokens < 2 or args.windows < 1:
+        raise SparseccError("--tokens must be at least 2 and --windows at least 1")
+    out = Path(args.out) if args.out else folder / "simulation"
+    check_output_dir(out)
+    saved = compiler.compiled_config(folder / "model.onnx").get("data", {})
+    source = compiler.data_source(args.data, args.tokenizer or saved.get("tokenizer"), args.tokens, args.windows)
+    result = simulate(folder, source, compare=not args.no_compare)
+    speed = result.pop("speed")  # wall times: timings.json, so the reports stay byte-identical
+    with atomic_dir(out) as tmp:
+        (tmp / "report.md").write_text(reports.simulation_markdown(result), encoding="utf-8")
+        (tmp / "report.json").write_text(reports.dumps(result), encoding="utf-8")
+        (tmp / "timings.json").write_text(reports.dumps(speed), encoding="utf-8")
+    if not args.json:
+        print(reports.simulation_summary(result, speed))
+    return result
+
+
 def _list(args) -> dict:
     from sparsecc import backends, passes
 
@@ -194,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress.set_verbosity(0 if args.quiet or args.json else 1 + args.verbose)
     try:
-        result = {"compile": _compile, "eval": _eval, "list": _list}[args.command](args)
+        result = {"compile": _compile, "eval": _eval, "simulate": _simulate, "list": _list}[args.command](args)
     except SparseccError as exc:
         if args.verbose:
             raise

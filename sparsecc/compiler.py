@@ -52,6 +52,10 @@ def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration
     if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise SparseccError(f"cache path {cache_dir} is a file; pass a folder with --cache-dir or use --no-cache")
     backend = backends.get(target)
+    from sparsecc import passes as registry
+
+    present = {p.name for p in passes}
+    passes = list(passes) + [registry.get(name)() for name in backend.requires if name not in present]
     model = model_io.load_model(model_path)
     ctx = Context(calibration=calibration, cache_dir=cache_dir)
     manager = PassManager(passes, dump_after=dump_after,

@@ -91,3 +91,39 @@ def eval_summary(result: dict) -> str:
         parts.append(f"vs reference: max|diff| {e['max_abs']:.4g}, cosine {e['mean_cosine']:.5f}, "
                      f"top-1 {_pct(e['top1_agreement'])}")
     return "\n".join(parts)
+
+
+def simulation_summary(report: dict, speed: dict | None = None) -> str:
+    s, d, r = report["sparse"], report["dense"], report["ratio"]
+    lines = [f"{report['tokens']} tokens on {report['target']}: "
+             f"{s['energy_pj_per_token']['total'] / 1e6:.3f} uJ/token sparse vs {d['energy_pj_per_token']['total'] / 1e6:.3f} "
+             f"dense ({r['energy']:.2f}x), latency {s['latency_s_per_token'] * 1e3:.3f} ms vs "
+             f"{d['latency_s_per_token'] * 1e3:.3f} ms ({r['latency']:.2f}x)"]
+    if "vs_ort" in report:
+        v = report["vs_ort"]
+        lines.append(f"vs ort: argmax agreement {_pct(v['argmax_agreement'])}, max |logit diff| "
+                     f"{v['max_abs_logit_diff']:.4g} (of {v['max_abs_logit']:.4g}), MAC lane-ops {v['simulator_mac_lane_ops']} "
+                     f"vs {v['ort_effective_macs']} from ORT activations ({v['mac_difference']:+.4%})")
+    if speed and "ort_tokens_per_s" in speed:
+        sp = speed
+        lines.append(f"speed: {sp['simulated_tokens_per_s']:.1f} simulated tokens/s, ORT {sp['ort_tokens_per_s']:.1f} "
+                     f"tokens/s ({sp['slowdown_vs_ort']:.1f}x slower)")
+    return "\n".join(lines)
+
+
+def simulation_markdown(report: dict) -> str:
+    s, d = report["sparse"], report["dense"]
+    out = ["# sparsecc simulation", "", simulation_summary(report).replace("\n", "\n\n"), "",
+           "| per token | sparse | dense | dense/sparse |", "|---|---|---|---|"]
+    for key in ("npe", "memory", "controller", "noc", "total"):
+        a, b = s["energy_pj_per_token"].get(key, 0.0), d["energy_pj_per_token"].get(key, 0.0)
+        out.append(f"| energy {key} (pJ) | {a:,.0f} | {b:,.0f} | {b / a if a else float('nan'):.2f} |")
+    for key, label in (("latency_cycles_per_token", "latency (cycles)"), ("busiest_core_cycles_per_token", "busiest core (cycles)")):
+        out.append(f"| {label} | {s[key]:,.0f} | {d[key]:,.0f} | {d[key] / s[key]:.2f} |")
+    for key in ("mac_lane_ops", "events_sent", "flit_hops"):
+        out.append(f"| {key.replace('_', ' ')} (window) | {s[key]:,} | {d[key]:,} | {d[key] / max(1, s[key]):.2f} |")
+    out += ["", "## Per layer (pJ per token, sparse)", "", "| layer | npe | memory | controller | noc | total |", "|---|---|---|---|---|---|"]
+    for name, row in s["per_layer"].items():
+        out.append(f"| {name} | " + " | ".join(f"{row.get(k, 0.0):,.0f}" for k in ("npe", "memory", "controller", "noc", "total")) + " |")
+    out += ["", f"Per-core figures for all {len(s['per_core'])} cores are in report.json."]
+    return "\n".join(out) + "\n"

@@ -46,22 +46,27 @@ def saved_copy(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Iterator[l
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_session(path: Path):
-    """An ONNX Runtime CPU session on a saved model, with a one-line error on failure."""
+def load_session(path: Path, optimize: bool = True):
+    """An ONNX Runtime CPU session on a saved model, with a one-line error on failure. Without
+    `optimize`, ORT runs the graph as written (its fusions can change numerics, e.g. the
+    DequantizeLinear + MatMul fusion quantizes the activations)."""
     import onnxruntime as ort
 
+    options = session_options()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SparseccError(f"ONNX Runtime cannot load the model: {first}") from None
 
 
 @contextlib.contextmanager
-def ort_session(model: ir.Model, extra_outputs: Sequence[str] = ()):
+def ort_session(model: ir.Model, extra_outputs: Sequence[str] = (), optimize: bool = True):
     """An ONNX Runtime session on `model` that also returns `extra_outputs`."""
     with saved_copy(model, extra_outputs) as files:
-        yield load_session(files[0])
+        yield load_session(files[0], optimize)
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:

@@ -32,6 +32,7 @@ ENTRIES: dict[str, dict[str, Any]] = {
                                         "noc_transfer")},
     "noc": {"energy_per": {"hop", "transfer"}, "cycles_per_hop": "number", "flit_bits": "count"},
     "memory_fj_per_bit": {k: "number" for k in ("register", "sram_read", "sram_write", "stt_mram", "hbm")},
+    "numerics": {"value_format": {"float16", "float32"}, "register_format": {"float32"}},
 }
 SOURCES = ("published", "assumed")
 

@@ -117,9 +117,9 @@ def test_list_passes_and_backends(capsys):
     assert "sparsity (float, default 0.5)" in text and "per_consumer (bool, default False)" in text
     assert cli.main(["list", "backends"]) == 0
     backends = capsys.readouterr().out.splitlines()
-    assert len(backends) == 1 and backends[0].startswith("ort ") and "ONNX Runtime" in backends[0]
+    assert [b.split()[0] for b in backends] == ["ort", "seneca"] and "ONNX Runtime" in backends[0]
     assert cli.main(["list", "backends", "--json"]) == 0
-    assert set(json.loads(capsys.readouterr().out)) == {"ort"}
+    assert set(json.loads(capsys.readouterr().out)) == {"ort", "seneca"}
     assert cli.main(["--json", "list", "passes"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert sorted(rows) == ["calibrate-thresholds", "discover-sites", "insert-thresholds", "partition", "quantize-weights"]
@@ -139,7 +139,8 @@ def test_version_and_usage(capsys):
 @pytest.mark.parametrize("argv, mention", [
     (["compile"], "required: model, -o/--out"),
     (["compile", "m.onnx", "-o", "o", "--quant", "w3"], "invalid choice: 'w3'"),
-    (["simulate"], "invalid choice: 'simulate'"),
+    (["simulate"], "required: dir, --text"),
+    (["inspect"], "invalid choice: 'inspect'"),
     (["eval", "m.onnx", "--windows", "many"], "invalid int value: 'many'"),
 ])
 def test_usage_errors_are_one_line(argv, mention, capsys):

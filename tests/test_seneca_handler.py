@@ -54,7 +54,7 @@ def test_handler_matches_reference(registers, n0, n1):
         out[e.channel - n0] = e.value
     np.testing.assert_array_equal(out, want)
     assert {e.channel for e in sent} == {n0 + i for i in np.flatnonzero(want)}
-    # Per event the handler runs RECV, ADDI, MULX, ADDX, VSET, JMP and, per group, MLD + MAC;
+    # Per event the handler runs RECV, ADDX, MULX, ADDX, VSET, JMP and, per group, MLD + MAC;
     # with several register blocks it buffers each event (2 SW) and replays it per block (2 LW).
     groups, blocks = tile.groups, -(-tile.groups // (registers - 8))
     assert core.counts["RECV"] == len(events) + 1
@@ -76,11 +76,12 @@ def test_golden_assembly():
 ; linear tile q: k[0:4] x n[0:12], 2 groups in 1 register block
     LI    x1, 0
     LI    x2, 16
+    LI    x9, 0
     SUB   r8, r8, r8
     SUB   r9, r9, r9
 event:
     RECV  x3, x4, end
-    ADDI  x3, x3, 0
+    ADDX  x3, x3, x9
     MULX  x5, x3, x2
     ADDX  x5, x5, x1
     VSET  r0, x4

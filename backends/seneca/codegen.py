@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 ACC_FIRST = 8   # r0: broadcast event value, r1-r2: scratch, r8..: accumulators
-X_BASE, X_STRIDE, X_CHAN, X_VAL, X_ROW, X_OUT, X_BUF, X_COUNT = range(1, 9)  # controller registers (x0 is zero)
+X_BASE, X_STRIDE, X_CHAN, X_VAL, X_ROW, X_OUT, X_BUF, X_COUNT, X_FIRST = range(1, 10)  # controller registers (x0 is zero)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +54,14 @@ def linear_handler(tile: LinearTile, registers: int = 64) -> str:
     lines = [f"; linear tile {tile.name}: k[{tile.k0}:{tile.k1}] x n[{tile.n0}:{tile.n1}], "
              f"{tile.groups} groups in {len(blocks)} register block{'s' if len(blocks) > 1 else ''}",
              f"    LI    x{X_BASE}, {tile.weight_base}",
-             f"    LI    x{X_STRIDE}, {tile.row_words}"]
+             f"    LI    x{X_STRIDE}, {tile.row_words}",
+             f"    LI    x{X_FIRST}, {-tile.k0}"]
 
     def clear(groups):
         return [f"    SUB   r{ACC_FIRST + i}, r{ACC_FIRST + i}, r{ACC_FIRST + i}" for i in range(len(groups))]
 
     def accumulate(groups):  # the event (x_chan, x_val) into the block's accumulators
-        out = [f"    ADDI  x{X_CHAN}, x{X_CHAN}, {-tile.k0}",
+        out = [f"    ADDX  x{X_CHAN}, x{X_CHAN}, x{X_FIRST}",
                f"    MULX  x{X_ROW}, x{X_CHAN}, x{X_STRIDE}",
                f"    ADDX  x{X_ROW}, x{X_ROW}, x{X_BASE}",
                f"    VSET  r0, x{X_VAL}"]

@@ -142,12 +142,12 @@ def run(core: Core, program: list[Instruction], max_steps: int = 10_000_000) -> 
         elif op == "HALT":
             return
         x[0] = 0
-        if loops and nxt == loops[-1][1]:  # end of a loop body: repeat or leave
+        while loops and nxt == loops[-1][1]:  # end of a loop body: repeat, or leave (nested loops may end together)
             loops[-1][2] -= 1
             if loops[-1][2] > 0:
                 nxt = loops[-1][0]
-            else:
-                loops.pop()
+                break
+            loops.pop()
         pc = nxt
 
 

@@ -1,0 +1,185 @@
+"""The `seneca` backend: core programs for a SENECA-style mesh, and their simulation.
+
+`lower` writes, beside the compiled model:
+    placement.json          which core holds which tiles and runs which nodes
+    target.toml             the target description it was compiled for (`simulate` reads it)
+    cores/core_NNNN.s       one assembly listing per used core: its handlers for one token step
+    program.bin             every handler assembled to 32-bit words, core by core
+    manifest.json           where each core's handlers lie in program.bin (word offsets)
+Dense handlers' loop counts depend on the attention context; the listings show them for a
+window of `LISTING_TOKENS` tokens.
+"""
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from sparsecc.backends.base import Backend
+from sparsecc.errors import SparseccError
+from sparsecc.isa import assemble, encode
+from sparsecc.target import Target, load_target
+
+LISTING_TOKENS = 8
+MANIFEST = "sparsecc.program/1"
+
+
+class SenecaBackend(Backend):
+    name = "seneca"
+    description = "SENECA-style event-driven cores: placement, per-core programs, instruction-level simulator"
+    requires = ("partition",)
+
+    def target(self, model: ir.Model) -> Target:
+        from sparsecc.placement import Placement
+
+        text = model.metadata_props.get("sparsecc.placement")
+        if text is None:
+            raise SparseccError("the model has no placement; compile it with --target seneca (the partition pass)")
+        return load_target(Placement.from_json(text).target)
+
+    def lower(self, model: ir.Model, out_dir: Path) -> dict:
+        from sparsecc.backends.seneca.simulator import Simulator
+
+        target = self.target(model)
+        sim = Simulator(model, target)
+        sim.run(dummy_feeds(model.graph, LISTING_TOKENS))
+        handlers: dict[int, list[tuple[str, str, str]]] = collections.defaultdict(list)   # core -> (node, kind, text)
+        for node in sim.nodes:
+            for w in sim.work.get(node.name, []):
+                handlers[w.core].append((node.name, "linear" if node.name in sim.tiles else node.op_type, w.program))
+        (out_dir / "cores").mkdir()
+        image, manifest = bytearray(), {"schema": MANIFEST, "word_bytes": 4, "cores": {}}
+        for core in sorted(handlers):
+            listing = [f"; core {core} (x={core % sim.placement.cols}, y={core // sim.placement.cols}): "
+                       f"{len(handlers[core])} handlers, one token step each\n"]
+            entries = []
+            for name, kind, text in handlers[core]:
+                words = encode(assemble(text))
+                entries.append({"node": name, "kind": kind, "offset": len(image) // 4, "words": len(words) // 4})
+                image += words
+                listing.append(text)
+            (out_dir / "cores" / f"core_{core:04d}.s").write_text("\n".join(listing), encoding="utf-8")
+            manifest["cores"][str(core)] = entries
+        (out_dir / "program.bin").write_bytes(bytes(image))
+        (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        (out_dir / "target.toml").write_bytes(target.path.read_bytes())
+        (out_dir / "placement.json").write_text(sim.placement.to_json() + "\n", encoding="utf-8")
+        return {"cores": len(handlers), "handlers": sum(len(h) for h in handlers.values()),
+                "program_words": len(image) // 4, "listing_tokens": LISTING_TOKENS}
+
+
+def dummy_feeds(graph: ir.Graph, tokens: int) -> dict[str, np.ndarray]:
+    """Inputs of `tokens` positions (token id 1, mask 1) for tracing shapes."""
+    feeds = {}
+    for value in graph.inputs:
+        dims = [d if isinstance(d, int) else (1 if i == 0 else tokens) for i, d in enumerate(value.shape or [1, tokens])]
+        dtype = value.dtype.numpy() if value.dtype is not None else np.int64
+        feeds[value.name] = np.ones(dims, dtype)
+    return feeds
+
+
+def check_compiled(out_dir: Path) -> None:
+    """Fail in one line unless `out_dir` was written by compile --target seneca."""
+    for needed in ("model.onnx", "target.toml", "placement.json"):
+        if not (out_dir / needed).is_file():
+            raise SparseccError(f"{out_dir} has no {needed}: simulate reads a folder written by "
+                                "`sparsecc compile ... --target seneca -o DIR`")
+
+
+def simulate(out_dir: Path, source, compare: bool = True) -> dict:
+    """Simulate the compiled model in `out_dir` (written by compile --target seneca) on every
+    window of `source`, sparse and dense baseline; with `compare`, check against the `ort`
+    backend on the same model and tokens. Returns the report (plain JSON values)."""
+    import time
+
+    from sparsecc import model_io
+    from sparsecc.backends.seneca.simulator import Simulator
+    from sparsecc.progress import bar
+    from sparsecc.runtime import ort_session
+    from sparsecc.sites import analyze
+
+    out_dir = Path(out_dir)
+    check_compiled(out_dir)
+    model = model_io.load_model(out_dir / "model.onnx")
+    target = load_target(out_dir / "target.toml")
+    sparse, dense = Simulator(model, target), Simulator(model, target, dense_baseline=True)
+    sites = analyze(model.graph).sites
+    runs = {"sparse": [], "dense": []}
+    sim_seconds, ort_seconds, ort_macs, agree, err, scale, tokens = 0.0, 0.0, 0, 0, 0.0, 0.0, 0
+    inputs = [v.name for v in model.graph.inputs]
+    with ort_session(model, sorted({s.consumes for s in sites})) as session:
+        names = [o.name for o in session.get_outputs()]
+        for feed in bar(source.feeds(inputs), total=len(source), desc="simulating"):
+            start = time.perf_counter()
+            result = sparse.run(feed)
+            sim_seconds += time.perf_counter() - start
+            runs["sparse"].append(result)
+            runs["dense"].append(dense.run(feed))
+            if compare:
+                start = time.perf_counter()
+                got = session.run(names, feed)
+                ort_seconds += time.perf_counter() - start
+                acts = dict(zip(names, got))
+                ort_macs += sum(int(np.count_nonzero(acts[s.consumes])) * s.out_features for s in sites)
+                ref, sim = got[0], result.outputs[names[0]]
+                agree += int((ref.argmax(-1) == sim.argmax(-1)).sum())
+                finite = np.isfinite(sim)
+                err = max(err, float(np.abs(sim - ref).max()) if finite.all() else float("inf"))
+                scale = max(scale, float(np.abs(ref).max()))
+            tokens += result.tokens
+    report = {"schema": "sparsecc.simulation/1", "target": target.name, "tokens": tokens, "windows": len(runs["sparse"]),
+              "sparse": _summary(runs["sparse"], target), "dense": _summary(runs["dense"], target)}
+    s, d = report["sparse"], report["dense"]
+    report["ratio"] = {"energy": d["energy_pj_per_token"]["total"] / s["energy_pj_per_token"]["total"],
+                       "latency": d["latency_cycles_per_token"] / s["latency_cycles_per_token"],
+                       "effective_macs": d["mac_lane_ops"] / max(1, s["mac_lane_ops"])}
+    report["speed"] = {"simulated_tokens_per_s": tokens / sim_seconds}
+    if compare:
+        n_pred = tokens  # one next-token prediction per position
+        report["vs_ort"] = {"max_abs_logit_diff": err, "max_abs_logit": scale, "argmax_agreement": agree / n_pred,
+                            "ort_effective_macs": ort_macs, "simulator_mac_lane_ops": s["mac_lane_ops"],
+                            "mac_difference": (s["mac_lane_ops"] - ort_macs) / max(1, ort_macs)}
+        report["speed"]["ort_tokens_per_s"] = tokens / ort_seconds
+        report["speed"]["slowdown_vs_ort"] = ort_seconds and sim_seconds / ort_seconds
+    return report
+
+
+def _summary(results: list, target: Target) -> dict:
+    """Totals over windows, per token where it says so."""
+    tokens = sum(r.tokens for r in results)
+    energy = collections.Counter()
+    per_layer: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    per_core: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    for r in results:
+        energy.update(r.energy_pj)
+        for name, row in r.per_layer.items():
+            per_layer[name].update(row)
+        for core, row in r.per_core.items():
+            per_core[core].update(row)
+    latency = float(np.concatenate([r.latency_cycles for r in results]).mean())
+    total = sum(energy.values())
+    clock = target["clock"]["frequency_hz"]
+
+    def per_token(row):
+        return {k: v / tokens for k, v in sorted(row.items())} | {"total": sum(v for k, v in row.items() if k != "cycles") / tokens}
+
+    busiest = max(per_core.values(), key=lambda row: row["cycles"])["cycles"] / tokens if per_core else 0.0
+    return {
+        "energy_pj_per_token": {k: energy[k] / tokens for k in sorted(energy)} | {"total": total / tokens},
+        "energy_share": {k: energy[k] / total for k in sorted(energy)},
+        "latency_cycles_per_token": latency, "latency_s_per_token": latency / clock,
+        "busiest_core_cycles_per_token": busiest,
+        "events_sent": sum(r.events_sent for r in results), "events_received": sum(r.events_received for r in results),
+        "flits": sum(r.flits for r in results), "flit_hops": sum(r.flit_hops for r in results),
+        "mac_lane_ops": sum(r.mac_lane_ops for r in results), "dense_macs": sum(r.dense_macs for r in results),
+        "instructions": dict(sorted(sum((r.counts for r in results), collections.Counter()).items())),
+        "per_layer": {name: per_token(row) for name, row in sorted(per_layer.items(), key=lambda kv: _layer_key(kv[0]))},
+        "per_core": {str(core): per_token(row) for core, row in sorted(per_core.items())},
+    }
+
+
+def _layer_key(name: str):
+    return (0, int(name.split()[-1])) if name.startswith("layer ") else (1, 0)

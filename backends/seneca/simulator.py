@@ -1,0 +1,462 @@
+"""The seneca simulator: runs a compiled, partitioned model on the mesh, token step by token step.
+
+Per step, every node runs as the handler of the core(s) the placement gives it:
+- a linear site (and a constant-table Gather, the embedding) on its tiles, as event handlers:
+  one event per non-zero input channel, executed vectorised over the window's tokens
+  (`linear.run_tile`), counted per token from the handler's own program;
+- any other op as a dense handler on its core (`dense`), with values from the ONNX reference
+  implementation of the op on 16-bit inputs, rounded to 16 bit unless fused into a register;
+- shape arithmetic that does not depend on the tokens' values is folded at compile time
+  (free), as are constant weight paths.
+Values cross cores as events: one 32-bit flit per non-zero value plus a header flit per
+packet, along the XY multicast tree of the NoC (`Mesh.multicast_links`); the receiver takes
+them into data memory (`dense.receive`). Latency per token is the event-driven schedule of
+the step: a handler starts when its inputs have arrived and its core is free.
+
+Tokens of a window are causal and independent within a step, so simulating the window's steps
+side by side (vectorised) gives each token exactly what simulating it alone would; attention
+products are sized for the window (every query row against every key of the window) as the
+exported graph computes them.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+
+import numpy as np
+import onnx_ir as ir
+from onnx.reference import ReferenceEvaluator
+
+from sparsecc import ops
+from sparsecc.backends.seneca import cost, dense
+from sparsecc.backends.seneca.codegen import LinearTile, linear_handler
+from sparsecc.backends.seneca.linear import step_counts
+from sparsecc.errors import SparseccError
+from sparsecc.placement import Placement, Tile
+from sparsecc.sites import analyze, const_root, weight_array
+from sparsecc.target import Target
+
+F16, F32 = np.float16, np.float32
+_LAYER = re.compile(r"layers?[._/](\d+)|h[._](\d+)[._/]")
+
+
+def round16(x: np.ndarray) -> np.ndarray:
+    """A float32 array of the 16-bit floats nearest to `x` (beyond the 16-bit range: +-inf)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(x, F32).astype(F16).astype(F32)
+
+
+def as_float32(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, F32)
+
+
+def layer_of(node: ir.Node) -> str:
+    """"layer N" from the node's name or its exporter's scope metadata, else "other"."""
+    m = _LAYER.search(node.name or "") or _LAYER.search(node.metadata_props.get("namespace", ""))
+    return f"layer {int(m.group(1) or m.group(2))}" if m else "other"
+
+
+@dataclasses.dataclass
+class Work:
+    """What one handler (a node's tile, or a dense node) executed over the window."""
+
+    core: int
+    counts: collections.Counter
+    cycles: np.ndarray          # per token
+    events_captured: int = 0
+    program: str = ""           # the handler's assembly for one token step
+
+
+@dataclasses.dataclass
+class StepResult:
+    outputs: dict[str, np.ndarray]
+    energy_pj: dict[str, float]
+    per_core: dict[int, dict]
+    per_layer: dict[str, dict]
+    latency_cycles: np.ndarray          # per token
+    events_sent: int
+    events_received: int
+    flits: int
+    flit_hops: int
+    mac_lane_ops: int                    # linear sites: events x active lanes of the tiles they reach
+    dense_macs: int                      # linear sites: tokens x K x N
+    site_macs: dict[str, int]
+    tokens: int
+    counts: collections.Counter
+
+
+class Simulator:
+    """Runs `model` (compiled and partitioned) on `target`. With `dense=True` the thresholds are
+    taken out (each Threshold passes its input through): the dense baseline on the same placement."""
+
+    def __init__(self, model: ir.Model, target: Target, dense_baseline: bool = False):
+        text = model.metadata_props.get("sparsecc.placement")
+        if text is None:
+            raise SparseccError("the model has no placement; compile it with --target seneca (the partition pass)")
+        self.placement = Placement.from_json(text)
+        self.target = target
+        self.dense_baseline = dense_baseline
+        # values in memory, events and on the NoC: rounded to the target's format
+        self.round = round16 if target["numerics"]["value_format"] == "float16" else as_float32
+        self.graph = model.graph
+        self.nodes = list(model.graph)
+        self.registers = target["core"]["register_words"]
+        analysis = analyze(model.graph)
+        self.sites = {site.node: site for site in analysis.sites}
+        self.site_nodes = {node.name: node for node in analysis.nodes}
+        self.tiles: dict[str, list[Tile]] = collections.defaultdict(list)
+        self.weight_base: dict[Tile, int] = {}    # word address of each tile's weights on its core
+        used: dict[int, int] = collections.Counter()
+        for tile in self.placement.tiles:
+            self.tiles[tile.owner].append(tile)
+            shape = LinearTile(tile.owner, *tile.k, *tile.n, 0)
+            self.weight_base[tile] = used[tile.core]
+            used[tile.core] += shape.buffer_base + shape.buffer_words
+        self.weights: dict[str, np.ndarray] = {}
+        for name, node in self.site_nodes.items():
+            w = weight_array(node.inputs[1]).astype(F32)
+            if node.op_type == "Gemm" and node.attributes.get("transB") is not None and node.attributes["transB"].value:
+                w = w.T
+            self.weights[name] = self.round(w)
+        for name in self.tiles:
+            if name not in self.weights:  # a constant-table Gather: the table [rows, width]
+                node = next(n for n in self.nodes if n.name == name)
+                self.weights[name] = self.round(weight_array(node.inputs[0]))
+        self.cores = self.placement.node_cores()
+        missing = [n.name for n in self.nodes if n.name not in self.cores]
+        if missing:
+            raise SparseccError(f"{len(missing)} nodes have no core (e.g. {missing[0]}); re-run the partition pass")
+        # The reference implementation of each op; initializers stay with onnx_ir (memory-mapped
+        # external data), so the evaluator gets the graph without them.
+        # Weight paths (Transpose, Cast, DequantizeLinear of a tiled weight) are folded into the tiles.
+        self.folded = set()
+        for name, tiles in self.tiles.items():
+            node = self.site_nodes.get(name) or next(n for n in self.nodes if n.name == name)
+            value = node.inputs[1] if name in self.site_nodes else node.inputs[0]
+            while (producer := value.producer()) is not None and producer.op_type != "Constant":
+                self.folded.add(producer.name)
+                value = producer.inputs[0]
+        proto = ir.serde.serialize_model(model)
+        del proto.graph.initializer[:]
+        kept = [n for n in proto.graph.node if n.name not in self.folded]
+        del proto.graph.node[:]
+        proto.graph.node.extend(kept)
+        self.evaluator = ReferenceEvaluator(proto)
+        self.constants = {name: v.const_value.numpy() for name, v in model.graph.initializers.items()
+                          if v.const_value is not None}
+        self.runners = {rt.onnx_node.name: rt for rt in self.evaluator.rt_nodes_}
+        self.consumers: dict[str, list[ir.Node]] = collections.defaultdict(list)
+        for node in self.nodes:
+            for v in node.inputs:
+                if v is not None:
+                    self.consumers[v.name].append(node)
+        self.live = self._data_dependent()
+        self.fused = self._fused()
+        unsupported = sorted({n.op_type for n in self.nodes if n.name in self.live and not self._handled(n)})
+        if unsupported:
+            raise SparseccError(f"the seneca backend has no handler for {', '.join(unsupported)}; "
+                                "run this model with the ort backend")
+
+    # Graph facts ---------------------------------------------------------------------------------
+    def _data_dependent(self) -> set[str]:
+        """Nodes whose outputs depend on the values of the graph inputs (not only their shapes)."""
+        live_values = {v.name for v in self.graph.inputs}
+        live = set()
+        for node in self.nodes:
+            if node.op_type in ("Shape", "Size"):
+                continue
+            if any(v is not None and v.name in live_values for v in node.inputs):
+                live.add(node.name)
+                live_values |= {v.name for v in node.outputs}
+        return live
+
+    def _kind(self, node: ir.Node) -> str:
+        if node.name in self.tiles:
+            return "tiled"
+        if ops.is_threshold(node):
+            return "view" if self.dense_baseline else "Threshold"
+        if node.op_type in dense.VIEWS:
+            return "view"
+        return node.op_type
+
+    def _handled(self, node: ir.Node) -> bool:
+        return node.name in self.tiles or ops.is_threshold(node) or dense.supported(node.op_type)
+
+    def _fused(self) -> set[str]:
+        """Values that stay in registers: made by a fusible op and read only by one fusible op on
+        the same core."""
+        out = set()
+        for node in self.nodes:
+            if node.name not in self.live or self._kind(node) not in dense.FUSIBLE:
+                continue
+            value = node.outputs[0]
+            readers = self.consumers.get(value.name, [])
+            if (len(readers) == 1 and readers[0].name in self.live and self._kind(readers[0]) in dense.FUSIBLE
+                    and self.cores[readers[0].name] == self.cores[node.name]
+                    and value.name not in {o.name for o in self.graph.outputs}):
+                out.add(value.name)
+        return out
+
+    # The step -------------------------------------------------------------------------------------
+    def run(self, feeds: dict[str, np.ndarray]) -> StepResult:
+        first = np.asarray(feeds[self.graph.inputs[0].name])
+        # token ids [.., T], or embeddings [.., T, width]
+        tokens = int(first.size if np.issubdtype(first.dtype, np.integer) else first.size // first.shape[-1])
+        env: dict[str, np.ndarray] = {"": None}
+        env.update(self.constants)
+        env.update(feeds)
+        work: dict[str, list[Work]] = {}
+        site_macs, lane_ops, dense_macs = {}, 0, 0
+        for node in self.nodes:
+            if node.name in self.folded:
+                continue
+            kind = self._kind(node)
+            inputs = [env[v.name] if v is not None and v.name in env else None for v in node.inputs]
+            if node.name not in self.live:                      # folded at compile time
+                outputs = self._reference(node, inputs)
+            elif kind == "tiled":
+                outputs, work[node.name], macs = self._tiled(node, inputs, tokens)
+                if node.name in self.sites:
+                    site_macs[node.name] = macs
+                    lane_ops += macs
+                    k, n = self.weights[node.name].shape
+                    dense_macs += tokens * k * n
+            else:
+                live_inputs = [x if v is None or v.name in self.fused or x is None or not _is_float(x) else self.round(x)
+                               for v, x in zip(node.inputs, inputs)]
+                if kind == "view":
+                    outputs = [live_inputs[0]] if ops.is_threshold(node) else self._reference(node, live_inputs)
+                else:
+                    outputs = self._reference(node, live_inputs)
+                    work[node.name] = [self._dense_work(node, kind, live_inputs, outputs, tokens)]
+                outputs = [o if v.name in self.fused or not _is_float(o) else self.round(o)
+                           for v, o in zip(node.outputs, outputs)]
+            for v, o in zip(node.outputs, outputs):
+                env[v.name] = o
+        self.work = work
+        return self._account(env, work, tokens, site_macs, lane_ops, dense_macs)
+
+    def _reference(self, node: ir.Node, inputs: list) -> list:
+        runner = self.runners[node.name]
+        return list(runner.run(*inputs))
+
+    def _tiled(self, node: ir.Node, inputs: list, tokens: int):
+        w = self.weights[node.name]
+        if node.name in self.sites:
+            x = inputs[0]
+            lead = x.shape[:-1]
+            x2 = self.round(x).reshape(-1, x.shape[-1])
+        else:  # embedding: a one-hot event per token (channel = token id, value 1)
+            ids = np.asarray(inputs[1]).reshape(-1)
+            lead = np.asarray(inputs[1]).shape
+            x2 = None
+        out = np.zeros((int(np.prod(lead)), w.shape[1]), F32)
+        by_n: dict[tuple[int, int], list[np.ndarray]] = collections.defaultdict(list)
+        works, macs = [], 0
+        for tile in sorted(self.tiles[node.name], key=lambda t: (t.n, t.k)):
+            (k0, k1), (n0, n1) = tile.k, tile.n
+            if x2 is not None:
+                part = x2[:, k0:k1]
+                events_t = np.count_nonzero(part, axis=1)
+                partial = part @ w[k0:k1, n0:n1]
+            else:
+                hit = (ids >= k0) & (ids < k1)
+                events_t = hit.astype(np.int64)
+                partial = np.where(hit[:, None], w[np.clip(ids, k0, k1 - 1), n0:n1], 0.0)
+            by_n[(n0, n1)].append(self.round(partial))
+            base, per_event = step_counts(LinearTile(node.name, k0, k1, n0, n1, 0), self.registers)
+            counts = collections.Counter({op: c * len(events_t) for op, c in base.items()})
+            events = int(events_t.sum())
+            counts.update({op: c * events for op, c in per_event.items()})
+            cyc = cost.cycles(base, self.target) + cost.cycles(per_event, self.target) * events_t
+            captured = int(np.count_nonzero(by_n[(n0, n1)][-1]))
+            works.append(Work(tile.core, counts, np.asarray(cyc, F32), captured,
+                              linear_handler(LinearTile(node.name, k0, k1, n0, n1, self.weight_base[tile]), self.registers)))
+            macs += events * (n1 - n0)
+        bias = self._bias(node)
+        for (n0, n1), partials in by_n.items():
+            # split by input channel: partial sums travel as 16-bit events to the first tile's core
+            total = partials[0] if len(partials) == 1 else np.sum(partials, axis=0)
+            if bias is not None:  # Gemm's C: added in the registers before capture (MLD + ADD per group)
+                total = total + bias[n0:n1]
+                first = next(t for t in self.tiles[node.name] if t.n == (n0, n1))
+                add = dense.elementwise("Add", dense.groups_of(n1 - n0) * tokens, [dense.Operand(True, 1)], False, False).counts
+                works.append(Work(first.core, add, np.full(tokens, cost.cycles(add, self.target) / tokens, F32)))
+            out[:, n0:n1] = self.round(total) if (len(partials) > 1 or bias is not None) else total
+            if len(partials) > 1:
+                groups = dense.groups_of(n1 - n0)
+                extra = sum(int(np.count_nonzero(p)) for p in partials[1:])
+                prog = dense.receive(extra, groups * (len(partials) - 1) * tokens)
+                prog.counts.update(dense.elementwise("Add", groups * (len(partials) - 1) * tokens,
+                                                     [dense.Operand(True, 1), dense.Operand(True, 2)], False, True).counts)
+                first = next(t for t in self.tiles[node.name] if t.n == (n0, n1))
+                works.append(Work(first.core, prog.counts, np.full(tokens, cost.cycles(prog.counts, self.target) / tokens, F32),
+                                  int(np.count_nonzero(out[:, n0:n1]))))
+        return [out.reshape(*lead, w.shape[1])], works, macs
+
+    def _bias(self, node: ir.Node) -> np.ndarray | None:
+        if node.op_type != "Gemm":
+            return None
+        for attr, default in (("alpha", 1.0), ("beta", 1.0), ("transA", 0)):
+            if node.attributes.get(attr) is not None and node.attributes[attr].value != default:
+                raise SparseccError(f"Gemm {node.name} has {attr}={node.attributes[attr].value}; the seneca backend "
+                                    f"takes Gemm with {attr}={default} only")
+        if len(node.inputs) < 3 or node.inputs[2] is None:
+            return None
+        if const_root(node.inputs[2]) is None:
+            raise SparseccError(f"Gemm {node.name} adds a computed C; the seneca backend takes constant biases only")
+        return self.round(np.broadcast_to(weight_array(node.inputs[2]), (self.weights[node.name].shape[1],)))
+
+    def _dense_work(self, node: ir.Node, kind: str, inputs: list, outputs: list, tokens: int) -> Work:
+        core = self.cores[node.name][0]
+        result = outputs[0]
+        out_value = node.outputs[0]
+        readers = self.consumers.get(out_value.name, [])
+        send = any(self.cores[r.name] != self.cores[node.name] for r in readers) or \
+            out_value.name in {o.name for o in self.graph.outputs}
+        store = out_value.name not in self.fused and any(self.cores[r.name] == self.cores[node.name] for r in readers)
+        operands = [dense.Operand(v is not None and v.name not in self.fused and v.name in self._live_values()
+                                  and x is not None and np.size(x) > 1, 1 + i)
+                    for i, (v, x) in enumerate(zip(node.inputs, inputs))]
+        size = int(np.size(result))
+        per_token = max(1, size // tokens)
+        if kind in dense.REDUCE:
+            x = inputs[0]
+            rows = max(1, size // tokens)
+            length = max(1, int(np.size(x)) // max(1, size))
+            program = dense.reduce(kind, rows, dense.groups_of(length), operands[0], store, send)
+        elif kind == "Softmax":
+            length = int(result.shape[-1])
+            rows = max(1, size // length // tokens)
+            program = dense.softmax(rows, dense.groups_of(length), operands[0], store, send)
+        elif kind in dense.NORMS:
+            length = int(result.shape[-1])
+            program = dense.layernorm(max(1, size // length // tokens), dense.groups_of(length), operands[0], store, send)
+        elif kind == "MatMul":
+            a, b = inputs
+            inner, n = int(a.shape[-1]), int(b.shape[-1])
+            rows = max(1, size // n // tokens)
+            program = dense.matmul(rows, inner, dense.groups_of(n), store, send)
+        elif kind in dense.COPIES:
+            program = dense.copy(dense.groups_of(per_token), send)
+        else:
+            general = kind == "Pow" and not (inputs[1] is not None and np.size(inputs[1]) == 1 and float(np.ravel(inputs[1])[0]) == 2.0)
+            program = dense.elementwise(kind, dense.groups_of(per_token), operands, store, send, general_pow=general)
+        if send:
+            program.add("SEND 0")
+        program.add("SYNC 0", "HALT")
+        counts = _per_token(program.counts, tokens)
+        captured = int(np.count_nonzero(result)) if send else 0
+        return Work(core, counts, np.full(tokens, cost.cycles(program.counts, self.target), F32), captured,
+                    program.text(f"{kind} {node.name}: one token step"))
+
+    def _live_values(self) -> set[str]:
+        if not hasattr(self, "_live_value_names"):
+            self._live_value_names = {v.name for n in self.nodes if n.name in self.live for v in n.outputs} | \
+                {v.name for v in self.graph.inputs}
+        return self._live_value_names
+
+    # Traffic, energy, latency ---------------------------------------------------------------------
+    def _account(self, env, work, tokens, site_macs, lane_ops, dense_macs) -> StepResult:
+        mesh = self.placement.mesh
+        energy = dict.fromkeys(cost.CATEGORIES, 0.0)
+        per_core: dict[int, dict] = {}
+        per_layer: dict[str, dict] = {}
+        total_counts = collections.Counter()
+        finish: dict[str, np.ndarray] = {}
+        core_free: dict[int, np.ndarray] = {}
+        sent = received = flits = flit_hops = 0
+        cph = self.target["noc"]["cycles_per_hop"]
+        live_values = self._live_values()
+
+        def charge(core: int, layer: str, counts, captured: int, noc_pj: float = 0.0):
+            e = cost.energy_pj(counts, captured, self.target)
+            e["noc"] += noc_pj
+            for bucket in (energy, per_core.setdefault(core, {**dict.fromkeys(cost.CATEGORIES, 0.0), "cycles": 0.0}),
+                           per_layer.setdefault(layer, dict.fromkeys(cost.CATEGORIES, 0.0))):
+                for c in cost.CATEGORIES:
+                    bucket[c] += e[c]
+
+        zero = np.zeros(tokens, F32)
+        for node in self.nodes:
+            if node.name not in self.live:
+                continue
+            layer = layer_of(node)
+            # arrival of inputs: producer finish + NoC hops (+ one cycle per flit on the link)
+            ready = zero
+            for v in node.inputs:
+                if v is None or v.name not in live_values or v.producer() is None:
+                    continue
+                src = v.producer().name
+                arrive = finish.get(src, zero)
+                if self.cores[src] != self.cores[node.name]:
+                    hops = max(mesh.hops(a, b) for a in self.cores[src] for b in self.cores[node.name])
+                    arrive = arrive + hops * cph
+                ready = np.maximum(ready, arrive)
+            done = ready
+            for w in work.get(node.name, []):
+                start = np.maximum(ready, core_free.get(w.core, zero))
+                end = start + w.cycles
+                core_free[w.core] = end
+                done = np.maximum(done, end)
+                charge(w.core, layer, w.counts, w.events_captured)
+                per_core[w.core]["cycles"] += float(w.cycles.sum())
+                total_counts.update(w.counts)
+            finish[node.name] = done
+            # events out of this node to the cores of its readers
+            for v in node.outputs:
+                readers = [r for r in self.consumers.get(v.name, []) if r.name in self.live]
+                dests = sorted({c for r in readers for c in self.cores[r.name]})
+                value = env.get(v.name)
+                if value is None or not dests or not _is_float(value):
+                    continue
+                sources = self._sources(node, value)
+                for src, nonzero in sources:
+                    remote = [d for d in dests if d != src]
+                    if not remote or nonzero == 0:
+                        continue
+                    links = mesh.multicast_links(src, remote)
+                    packet = nonzero + tokens   # a header flit per token step
+                    pj = cost.noc_energy_pj(packet, links, self.target)
+                    energy["noc"] += pj
+                    per_layer.setdefault(layer, dict.fromkeys(cost.CATEGORIES, 0.0))["noc"] += pj
+                    per_core.setdefault(src, {**dict.fromkeys(cost.CATEGORIES, 0.0), "cycles": 0.0})["noc"] += pj
+                    sent += nonzero
+                    received += nonzero * len(remote)
+                    flits += packet
+                    flit_hops += packet * links
+                    for reader in readers:  # the receiving dense handlers take events into memory
+                        if reader.name in self.tiles:
+                            continue  # tile handlers RECV their events themselves (counted in their program)
+                        core = self.cores[reader.name][0]
+                        if core == src:
+                            continue
+                        prog = dense.receive(nonzero, dense.groups_of(int(np.size(value)) // max(1, tokens)) * tokens)
+                        charge(core, layer_of(reader), prog.counts, 0)
+                        total_counts.update(prog.counts)
+                        per_core[core]["cycles"] += cost.cycles(prog.counts, self.target)
+        outputs = {o.name: env[o.name] for o in self.graph.outputs}
+        latency = np.max(np.stack([finish.get(o.producer().name, zero) for o in self.graph.outputs]), axis=0)
+        return StepResult(outputs, energy, per_core, per_layer, latency, sent, received, flits, flit_hops,
+                          lane_ops, dense_macs, site_macs, tokens, total_counts)
+
+    def _sources(self, node: ir.Node, value: np.ndarray) -> list[tuple[int, int]]:
+        """(core, non-zero values it sends) for a node's output: per n-range tile for tiled nodes."""
+        if node.name not in self.tiles:
+            return [(self.cores[node.name][0], int(np.count_nonzero(value)))]
+        flat = value.reshape(-1, value.shape[-1])
+        out = []
+        for tile in self.tiles[node.name]:
+            if tile.k[0] != min(t.k[0] for t in self.tiles[node.name] if t.n == tile.n):
+                continue  # the first k-tile of an n-range sends the summed outputs
+            out.append((tile.core, int(np.count_nonzero(flat[:, tile.n[0]:tile.n[1]]))))
+        return out
+
+
+def _is_float(x) -> bool:
+    return isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating)
+
+
+def _per_token(counts: collections.Counter, tokens: int) -> collections.Counter:
+    return collections.Counter({op: n * tokens for op, n in counts.items()})
