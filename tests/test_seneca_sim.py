@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import sparsecc
-from conftest import gpt2_model, llama_model, save, to_ir
+from conftest import gpt2_model, llama_model, save
 from sparsecc import cli, model_io
 from sparsecc import passes as registry
 from sparsecc.backends.seneca import dense
@@ -88,9 +88,7 @@ def test_float16_dense_baseline_within_16_bit_tolerance(tmp_path, case):
     """Without thresholds (nothing to flip), 16-bit values stay within a few 16-bit roundings of
     ORT's float32 per op: 1% of the output range here, and the same argmax nearly everywhere."""
     build, feeds = CASES[case]
-    proto = build()
-    model = to_ir(proto)
-    path = save(proto, tmp_path / "dense.onnx")
+    path = save(build(), tmp_path / "dense.onnx")
     sparsecc.compile_model(path, [], None, out=tmp_path / "d", target="seneca")
     model = model_io.load_model(tmp_path / "d" / "model.onnx")
     sim = Simulator(model, load_target("seneca"))
