@@ -37,7 +37,7 @@ import onnx_ir as ir
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, require
-from sparsecc.placement import CATEGORIES, Mesh, Placement, Tile
+from sparsecc.placement import CATEGORIES, METADATA_KEY, Mesh, Placement, Tile
 from sparsecc.sites import analyze, const_root
 from sparsecc.target import Target, builtin, load_target
 
@@ -117,7 +117,7 @@ class Partition(Pass):
         on = placement.node_cores()
         for node in graph:
             node.metadata_props["sparsecc.cores"] = ",".join(map(str, on[node.name]))
-        model.metadata_props["sparsecc.placement"] = placement.to_json()
+        model.metadata_props[METADATA_KEY] = placement.to_json()
         return _report(placement, target, capacity, found, traffic, snake, cores, swaps, evaluations)
 
 

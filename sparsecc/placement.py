@@ -18,6 +18,7 @@ import json
 from sparsecc.errors import SparseccError
 
 SCHEMA = "sparsecc.placement/1"
+METADATA_KEY = "sparsecc.placement"   # the model metadata entry holding the placement JSON
 CATEGORIES = ("weights", "states", "constants", "kv")  # what a core's data memory holds
 
 
@@ -112,6 +113,14 @@ class Placement:
             "memory": {str(core): {c: self.memory[core].get(c, 0) for c in CATEGORIES} for core in sorted(self.memory)},
         }
         return json.dumps(doc, separators=(",", ":"))
+
+    @classmethod
+    def of(cls, model) -> Placement:
+        """The placement the partition pass tagged into `model` (an onnx_ir Model)."""
+        text = model.metadata_props.get(METADATA_KEY)
+        if text is None:
+            raise SparseccError("the model has no placement; compile it with --target seneca (the partition pass)")
+        return cls.from_json(text)
 
     @classmethod
     def from_json(cls, text: str) -> Placement:

@@ -225,10 +225,10 @@ def receive(events: int, groups: int) -> Program:
     clear = Program().add("MST r3, [x8+0]", "ADDI x8, x8, 8")
     program.loop(groups, clear, 0)
     per_event = Program().add("RECV x3, x4, L_done", "SW x4, [x3+0]", "JMP L_recv")
+    program.lines += ["L_recv:", *per_event.lines, "L_done:"]
     for op, n in per_event.counts.items():
         program.counts[op] += events * n
-    program.counts["RECV"] += 1
-    program.lines += ["L_recv:", "    RECV x3, x4, L_done", "    SW x4, [x3+0]", "    JMP L_recv", "L_done:"]
+    program.counts["RECV"] += 1     # the RECV that finds the queue empty
     return program
 
 

@@ -39,14 +39,34 @@ def step_counts(tile: LinearTile, registers: int = 64) -> tuple[collections.Coun
     return runs[0], runs[1] - runs[0]
 
 
-def run_tile(tile: LinearTile, weights: np.ndarray, x: np.ndarray, registers: int = 64):
-    """Run the tile's handler for every token of `x` ([T, k1 - k0] fp16 activations; zeros send
-    no event). Returns the outputs [T, n1 - n0] fp16, the executed instruction counts, the
-    events received and the events captured (non-zero outputs)."""
-    x = np.asarray(x, F16)
-    acc = (x.astype(np.float32) @ np.asarray(weights, F16).astype(np.float32)).astype(F16)
-    events = int(np.count_nonzero(x))
+def round16(x: np.ndarray) -> np.ndarray:
+    """A float32 array of the 16-bit floats nearest to `x` (beyond the 16-bit range: +-inf)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(x, np.float32).astype(F16).astype(np.float32)
+
+
+def as_float32(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.float32)
+
+
+# The target's `numerics.value_format`: how values are rounded in memory, events and the NoC.
+VALUE_FORMATS = {"float16": round16, "float32": as_float32}
+
+
+def window_counts(tile: LinearTile, events: np.ndarray, registers: int = 64) -> collections.Counter:
+    """Instructions the tile's handler executes over a window, `events[t]` events at step t."""
     base, per_event = step_counts(tile, registers)
-    counts = collections.Counter({op: n * x.shape[0] for op, n in base.items()})
-    counts.update({op: n * events for op, n in per_event.items()})
-    return acc, counts, events, int(np.count_nonzero(acc))
+    counts = collections.Counter({op: n * len(events) for op, n in base.items()})
+    counts.update({op: n * int(np.sum(events)) for op, n in per_event.items()})
+    return counts
+
+
+def run_tile(tile: LinearTile, weights: np.ndarray, x: np.ndarray, registers: int = 64, round=round16):
+    """Run the tile's handler for every token of `x` ([T, k1 - k0] activations, 16-bit values;
+    zeros send no event). Returns the outputs [T, n1 - n0] (float32 holding `round`ed values),
+    the executed instruction counts, the events received per token and the events captured
+    (non-zero outputs)."""
+    x = np.asarray(x, np.float32)
+    out = round(x @ np.asarray(weights, np.float32))
+    events = np.count_nonzero(x, axis=1)
+    return out, window_counts(tile, events, registers), events, int(np.count_nonzero(out))

@@ -31,24 +31,14 @@ from onnx.reference import ReferenceEvaluator
 from sparsecc import ops
 from sparsecc.backends.seneca import cost, dense
 from sparsecc.backends.seneca.codegen import LinearTile, linear_handler
-from sparsecc.backends.seneca.linear import step_counts
+from sparsecc.backends.seneca.linear import VALUE_FORMATS, run_tile, step_counts, window_counts
 from sparsecc.errors import SparseccError
 from sparsecc.placement import Placement, Tile
 from sparsecc.sites import analyze, const_root, weight_array
 from sparsecc.target import Target
 
-F16, F32 = np.float16, np.float32
+F32 = np.float32
 _LAYER = re.compile(r"layers?[._/](\d+)|h[._](\d+)[._/]")
-
-
-def round16(x: np.ndarray) -> np.ndarray:
-    """A float32 array of the 16-bit floats nearest to `x` (beyond the 16-bit range: +-inf)."""
-    with np.errstate(over="ignore"):
-        return np.asarray(x, F32).astype(F16).astype(F32)
-
-
-def as_float32(x: np.ndarray) -> np.ndarray:
-    return np.asarray(x, F32)
 
 
 def layer_of(node: ir.Node) -> str:
@@ -81,7 +71,6 @@ class StepResult:
     flit_hops: int
     mac_lane_ops: int                    # linear sites: events x active lanes of the tiles they reach
     dense_macs: int                      # linear sites: tokens x K x N
-    site_macs: dict[str, int]
     tokens: int
     counts: collections.Counter
 
@@ -91,16 +80,15 @@ class Simulator:
     taken out (each Threshold passes its input through): the dense baseline on the same placement."""
 
     def __init__(self, model: ir.Model, target: Target, dense_baseline: bool = False):
-        text = model.metadata_props.get("sparsecc.placement")
-        if text is None:
-            raise SparseccError("the model has no placement; compile it with --target seneca (the partition pass)")
-        self.placement = Placement.from_json(text)
+        self.placement = Placement.of(model)
         self.target = target
         self.dense_baseline = dense_baseline
         # values in memory, events and on the NoC: rounded to the target's format
-        self.round = round16 if target["numerics"]["value_format"] == "float16" else as_float32
+        self.round = VALUE_FORMATS[target["numerics"]["value_format"]]
         self.graph = model.graph
         self.nodes = list(model.graph)
+        self.by_name = {node.name: node for node in self.nodes}
+        self.output_names = {o.name for o in self.graph.outputs}
         self.registers = target["core"]["register_words"]
         analysis = analyze(model.graph)
         self.sites = {site.node: site for site in analysis.sites}
@@ -121,8 +109,7 @@ class Simulator:
             self.weights[name] = self.round(w)
         for name in self.tiles:
             if name not in self.weights:  # a constant-table Gather: the table [rows, width]
-                node = next(n for n in self.nodes if n.name == name)
-                self.weights[name] = self.round(weight_array(node.inputs[0]))
+                self.weights[name] = self.round(weight_array(self.by_name[name].inputs[0]))
         self.cores = self.placement.node_cores()
         missing = [n.name for n in self.nodes if n.name not in self.cores]
         if missing:
@@ -131,8 +118,8 @@ class Simulator:
         # external data), so the evaluator gets the graph without them.
         # Weight paths (Transpose, Cast, DequantizeLinear of a tiled weight) are folded into the tiles.
         self.folded = set()
-        for name, tiles in self.tiles.items():
-            node = self.site_nodes.get(name) or next(n for n in self.nodes if n.name == name)
+        for name in self.tiles:
+            node = self.by_name[name]
             value = node.inputs[1] if name in self.site_nodes else node.inputs[0]
             while (producer := value.producer()) is not None and producer.op_type != "Constant":
                 self.folded.add(producer.name)
@@ -151,7 +138,7 @@ class Simulator:
             for v in node.inputs:
                 if v is not None:
                     self.consumers[v.name].append(node)
-        self.live = self._data_dependent()
+        self.live, self.live_values = self._data_dependent()
         self.fused = self._fused()
         unsupported = sorted({n.op_type for n in self.nodes if n.name in self.live and not self._handled(n)})
         if unsupported:
@@ -159,8 +146,9 @@ class Simulator:
                                 "run this model with the ort backend")
 
     # Graph facts ---------------------------------------------------------------------------------
-    def _data_dependent(self) -> set[str]:
-        """Nodes whose outputs depend on the values of the graph inputs (not only their shapes)."""
+    def _data_dependent(self) -> tuple[set[str], set[str]]:
+        """Nodes whose outputs depend on the values of the graph inputs (not only their shapes),
+        and those values (the graph inputs and the nodes' outputs)."""
         live_values = {v.name for v in self.graph.inputs}
         live = set()
         for node in self.nodes:
@@ -169,7 +157,7 @@ class Simulator:
             if any(v is not None and v.name in live_values for v in node.inputs):
                 live.add(node.name)
                 live_values |= {v.name for v in node.outputs}
-        return live
+        return live, live_values
 
     def _kind(self, node: ir.Node) -> str:
         if node.name in self.tiles:
@@ -194,7 +182,7 @@ class Simulator:
             readers = self.consumers.get(value.name, [])
             if (len(readers) == 1 and readers[0].name in self.live and self._kind(readers[0]) in dense.FUSIBLE
                     and self.cores[readers[0].name] == self.cores[node.name]
-                    and value.name not in {o.name for o in self.graph.outputs}):
+                    and value.name not in self.output_names):
                 out.add(value.name)
         return out
 
@@ -207,7 +195,7 @@ class Simulator:
         env.update(self.constants)
         env.update(feeds)
         work: dict[str, list[Work]] = {}
-        site_macs, lane_ops, dense_macs = {}, 0, 0
+        lane_ops = dense_macs = 0
         for node in self.nodes:
             if node.name in self.folded:
                 continue
@@ -218,7 +206,6 @@ class Simulator:
             elif kind == "tiled":
                 outputs, work[node.name], macs = self._tiled(node, inputs, tokens)
                 if node.name in self.sites:
-                    site_macs[node.name] = macs
                     lane_ops += macs
                     k, n = self.weights[node.name].shape
                     dense_macs += tokens * k * n
@@ -235,7 +222,7 @@ class Simulator:
             for v, o in zip(node.outputs, outputs):
                 env[v.name] = o
         self.work = work
-        return self._account(env, work, tokens, site_macs, lane_ops, dense_macs)
+        return self._account(env, work, tokens, lane_ops, dense_macs)
 
     def _reference(self, node: ir.Node, inputs: list) -> list:
         runner = self.runners[node.name]
@@ -253,45 +240,41 @@ class Simulator:
             x2 = None
         out = np.zeros((int(np.prod(lead)), w.shape[1]), F32)
         by_n: dict[tuple[int, int], list[np.ndarray]] = collections.defaultdict(list)
+        first: dict[tuple[int, int], Tile] = {}    # the tile of each n-range that sums and sends
         works, macs = [], 0
         for tile in sorted(self.tiles[node.name], key=lambda t: (t.n, t.k)):
             (k0, k1), (n0, n1) = tile.k, tile.n
+            shape = LinearTile(node.name, k0, k1, n0, n1, 0)
             if x2 is not None:
-                part = x2[:, k0:k1]
-                events_t = np.count_nonzero(part, axis=1)
-                partial = part @ w[k0:k1, n0:n1]
+                partial, counts, events, captured = run_tile(shape, w[k0:k1, n0:n1], x2[:, k0:k1], self.registers, self.round)
             else:
                 hit = (ids >= k0) & (ids < k1)
-                events_t = hit.astype(np.int64)
-                partial = np.where(hit[:, None], w[np.clip(ids, k0, k1 - 1), n0:n1], 0.0)
-            by_n[(n0, n1)].append(self.round(partial))
-            base, per_event = step_counts(LinearTile(node.name, k0, k1, n0, n1, 0), self.registers)
-            counts = collections.Counter({op: c * len(events_t) for op, c in base.items()})
-            events = int(events_t.sum())
-            counts.update({op: c * events for op, c in per_event.items()})
-            cyc = cost.cycles(base, self.target) + cost.cycles(per_event, self.target) * events_t
-            captured = int(np.count_nonzero(by_n[(n0, n1)][-1]))
-            works.append(Work(tile.core, counts, np.asarray(cyc, F32), captured,
+                events = hit.astype(np.int64)
+                partial = np.where(hit[:, None], w[np.clip(ids, k0, k1 - 1), n0:n1], 0.0).astype(F32)
+                counts, captured = window_counts(shape, events, self.registers), int(np.count_nonzero(partial))
+            base, per_event = step_counts(shape, self.registers)
+            cycles = cost.cycles(base, self.target) + cost.cycles(per_event, self.target) * events
+            by_n[(n0, n1)].append(partial)
+            first.setdefault((n0, n1), tile)
+            works.append(Work(tile.core, counts, np.asarray(cycles, F32), captured,
                               linear_handler(LinearTile(node.name, k0, k1, n0, n1, self.weight_base[tile]), self.registers)))
-            macs += events * (n1 - n0)
+            macs += int(events.sum()) * (n1 - n0)
         bias = self._bias(node)
         for (n0, n1), partials in by_n.items():
+            core, groups = first[(n0, n1)].core, dense.groups_of(n1 - n0)
             # split by input channel: partial sums travel as 16-bit events to the first tile's core
             total = partials[0] if len(partials) == 1 else np.sum(partials, axis=0)
             if bias is not None:  # Gemm's C: added in the registers before capture (MLD + ADD per group)
                 total = total + bias[n0:n1]
-                first = next(t for t in self.tiles[node.name] if t.n == (n0, n1))
-                add = dense.elementwise("Add", dense.groups_of(n1 - n0) * tokens, [dense.Operand(True, 1)], False, False).counts
-                works.append(Work(first.core, add, np.full(tokens, cost.cycles(add, self.target) / tokens, F32)))
+                add = dense.elementwise("Add", groups * tokens, [dense.Operand(True, 1)], False, False).counts
+                works.append(Work(core, add, np.full(tokens, cost.cycles(add, self.target) / tokens, F32)))
             out[:, n0:n1] = self.round(total) if (len(partials) > 1 or bias is not None) else total
             if len(partials) > 1:
-                groups = dense.groups_of(n1 - n0)
                 extra = sum(int(np.count_nonzero(p)) for p in partials[1:])
                 prog = dense.receive(extra, groups * (len(partials) - 1) * tokens)
                 prog.counts.update(dense.elementwise("Add", groups * (len(partials) - 1) * tokens,
                                                      [dense.Operand(True, 1), dense.Operand(True, 2)], False, True).counts)
-                first = next(t for t in self.tiles[node.name] if t.n == (n0, n1))
-                works.append(Work(first.core, prog.counts, np.full(tokens, cost.cycles(prog.counts, self.target) / tokens, F32),
+                works.append(Work(core, prog.counts, np.full(tokens, cost.cycles(prog.counts, self.target) / tokens, F32),
                                   int(np.count_nonzero(out[:, n0:n1]))))
         return [out.reshape(*lead, w.shape[1])], works, macs
 
@@ -313,10 +296,9 @@ class Simulator:
         result = outputs[0]
         out_value = node.outputs[0]
         readers = self.consumers.get(out_value.name, [])
-        send = any(self.cores[r.name] != self.cores[node.name] for r in readers) or \
-            out_value.name in {o.name for o in self.graph.outputs}
+        send = any(self.cores[r.name] != self.cores[node.name] for r in readers) or out_value.name in self.output_names
         store = out_value.name not in self.fused and any(self.cores[r.name] == self.cores[node.name] for r in readers)
-        operands = [dense.Operand(v is not None and v.name not in self.fused and v.name in self._live_values()
+        operands = [dense.Operand(v is not None and v.name not in self.fused and v.name in self.live_values
                                   and x is not None and np.size(x) > 1, 1 + i)
                     for i, (v, x) in enumerate(zip(node.inputs, inputs))]
         size = int(np.size(result))
@@ -346,19 +328,13 @@ class Simulator:
         if send:
             program.add("SEND 0")
         program.add("SYNC 0", "HALT")
-        counts = _per_token(program.counts, tokens)
+        counts = _times(program.counts, tokens)
         captured = int(np.count_nonzero(result)) if send else 0
         return Work(core, counts, np.full(tokens, cost.cycles(program.counts, self.target), F32), captured,
                     program.text(f"{kind} {node.name}: one token step"))
 
-    def _live_values(self) -> set[str]:
-        if not hasattr(self, "_live_value_names"):
-            self._live_value_names = {v.name for n in self.nodes if n.name in self.live for v in n.outputs} | \
-                {v.name for v in self.graph.inputs}
-        return self._live_value_names
-
     # Traffic, energy, latency ---------------------------------------------------------------------
-    def _account(self, env, work, tokens, site_macs, lane_ops, dense_macs) -> StepResult:
+    def _account(self, env, work, tokens, lane_ops, dense_macs) -> StepResult:
         mesh = self.placement.mesh
         energy = dict.fromkeys(cost.CATEGORIES, 0.0)
         per_core: dict[int, dict] = {}
@@ -368,7 +344,6 @@ class Simulator:
         core_free: dict[int, np.ndarray] = {}
         sent = received = flits = flit_hops = 0
         cph = self.target["noc"]["cycles_per_hop"]
-        live_values = self._live_values()
 
         def charge(core: int, layer: str, counts, captured: int, noc_pj: float = 0.0):
             e = cost.energy_pj(counts, captured, self.target)
@@ -386,7 +361,7 @@ class Simulator:
             # arrival of inputs: producer finish + NoC hops (+ one cycle per flit on the link)
             ready = zero
             for v in node.inputs:
-                if v is None or v.name not in live_values or v.producer() is None:
+                if v is None or v.name not in self.live_values or v.producer() is None:
                     continue
                 src = v.producer().name
                 arrive = finish.get(src, zero)
@@ -418,10 +393,7 @@ class Simulator:
                         continue
                     links = mesh.multicast_links(src, remote)
                     packet = nonzero + tokens   # a header flit per token step
-                    pj = cost.noc_energy_pj(packet, links, self.target)
-                    energy["noc"] += pj
-                    per_layer.setdefault(layer, dict.fromkeys(cost.CATEGORIES, 0.0))["noc"] += pj
-                    per_core.setdefault(src, {**dict.fromkeys(cost.CATEGORIES, 0.0), "cycles": 0.0})["noc"] += pj
+                    charge(src, layer, collections.Counter(), 0, cost.noc_energy_pj(packet, links, self.target))
                     sent += nonzero
                     received += nonzero * len(remote)
                     flits += packet
@@ -439,7 +411,7 @@ class Simulator:
         outputs = {o.name: env[o.name] for o in self.graph.outputs}
         latency = np.max(np.stack([finish.get(o.producer().name, zero) for o in self.graph.outputs]), axis=0)
         return StepResult(outputs, energy, per_core, per_layer, latency, sent, received, flits, flit_hops,
-                          lane_ops, dense_macs, site_macs, tokens, total_counts)
+                          lane_ops, dense_macs, tokens, total_counts)
 
     def _sources(self, node: ir.Node, value: np.ndarray) -> list[tuple[int, int]]:
         """(core, non-zero values it sends) for a node's output: per n-range tile for tiled nodes."""
@@ -458,5 +430,6 @@ def _is_float(x) -> bool:
     return isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating)
 
 
-def _per_token(counts: collections.Counter, tokens: int) -> collections.Counter:
-    return collections.Counter({op: n * tokens for op, n in counts.items()})
+def _times(counts: collections.Counter, steps: int) -> collections.Counter:
+    """`counts` of one token step, over `steps` steps."""
+    return collections.Counter({op: n * steps for op, n in counts.items()})
