@@ -21,6 +21,8 @@ import collections
 import dataclasses
 import math
 
+from sparsecc.backends.seneca.codegen import ACC_FIRST
+
 # Compute sequences per 8-lane group; operands in r1 (, r2, r3), result in r3, scratch r4-r7,
 # constants in r16+.
 _EXP = ["MUL r4, r3, r16", "RND r5, r4", "SUB r4, r4, r5"] + ["MUL r6, r6, r4", "ADD r6, r6, r17"] * 4 + \
@@ -188,23 +190,25 @@ def layernorm(rows: int, groups: int, operand: Operand, store: bool, send: bool)
     return Program().loop(rows, row, 0)
 
 
-def matmul(batch_rows: int, inner: int, groups: int, store: bool, send: bool) -> Program:
+def matmul(batch_rows: int, inner: int, groups: int, store: bool, send: bool, registers: int = 64) -> Program:
     """Activation x activation ([.., M, K] x [.., K, N]): per output row, per k, broadcast a[m, k]
-    and MAC it with row k of b, `groups` groups at a time (accumulators in registers r8..)."""
-    blocks = [min(56, groups - g) for g in range(0, groups, 56)]
+    and MAC it with row k of b, as many groups at a time as there are accumulator registers
+    (r8.., as in the linear handler)."""
+    block = registers - ACC_FIRST
+    blocks = [min(block, groups - g) for g in range(0, groups, block)]
     row = Program()
     for width in blocks:
         per_k = Program().add("LW x4, [x1+0]", "ADDI x1, x1, 1", "VSET r0, x4")
         for g in range(width):
-            per_k.add(f"MLD r1, [x2+{8 * g}]", f"MAC r{8 + g}, r1, r0")
+            per_k.add(f"MLD r1, [x2+{8 * g}]", f"MAC r{ACC_FIRST + g}, r1, r0")
         per_k.add(f"ADDI x2, x2, {8 * groups}")
-        row.add(*[f"SUB r{8 + g}, r{8 + g}, r{8 + g}" for g in range(width)])
+        row.add(*[f"SUB r{ACC_FIRST + g}, r{ACC_FIRST + g}, r{ACC_FIRST + g}" for g in range(width)])
         row.loop(inner, per_k, 1)
         for g in range(width):
             if store:
-                row.add(f"MST r{8 + g}, [x8+0]")
+                row.add(f"MST r{ACC_FIRST + g}, [x8+0]")
             if send:
-                row.add(f"EVC r{8 + g}, x8")
+                row.add(f"EVC r{ACC_FIRST + g}, x8")
             if store or send:
                 row.add("ADDI x8, x8, 8")
     return Program().loop(batch_rows, row, 0)

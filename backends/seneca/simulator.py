@@ -319,7 +319,7 @@ class Simulator:
             a, b = inputs
             inner, n = int(a.shape[-1]), int(b.shape[-1])
             rows = max(1, size // n // tokens)
-            program = dense.matmul(rows, inner, dense.groups_of(n), store, send)
+            program = dense.matmul(rows, inner, dense.groups_of(n), store, send, self.registers)
         elif kind in dense.COPIES:
             program = dense.copy(dense.groups_of(per_token), send)
         else:
