@@ -60,7 +60,7 @@ class Work:
 
 @dataclasses.dataclass
 class StepResult:
-    outputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]      # the graph's outputs and the values asked for with `keep`
     energy_pj: dict[str, float]
     per_core: dict[int, dict]
     per_layer: dict[str, dict]
@@ -187,7 +187,8 @@ class Simulator:
         return out
 
     # The step -------------------------------------------------------------------------------------
-    def run(self, feeds: dict[str, np.ndarray]) -> StepResult:
+    def run(self, feeds: dict[str, np.ndarray], keep: tuple[str, ...] = ()) -> StepResult:
+        """One window's token steps; `keep` names intermediate values to return beside the outputs."""
         first = np.asarray(feeds[self.graph.inputs[0].name])
         # token ids [.., T], or embeddings [.., T, width]
         tokens = int(first.size if np.issubdtype(first.dtype, np.integer) else first.size // first.shape[-1])
@@ -222,7 +223,7 @@ class Simulator:
             for v, o in zip(node.outputs, outputs):
                 env[v.name] = o
         self.work = work
-        return self._account(env, work, tokens, lane_ops, dense_macs)
+        return self._account(env, work, tokens, lane_ops, dense_macs, keep)
 
     def _reference(self, node: ir.Node, inputs: list) -> list:
         runner = self.runners[node.name]
@@ -334,7 +335,7 @@ class Simulator:
                     program.text(f"{kind} {node.name}: one token step"))
 
     # Traffic, energy, latency ---------------------------------------------------------------------
-    def _account(self, env, work, tokens, lane_ops, dense_macs) -> StepResult:
+    def _account(self, env, work, tokens, lane_ops, dense_macs, keep) -> StepResult:
         mesh = self.placement.mesh
         energy = dict.fromkeys(cost.CATEGORIES, 0.0)
         per_core: dict[int, dict] = {}
@@ -408,7 +409,7 @@ class Simulator:
                         charge(core, layer_of(reader), prog.counts, 0)
                         total_counts.update(prog.counts)
                         per_core[core]["cycles"] += cost.cycles(prog.counts, self.target)
-        outputs = {o.name: env[o.name] for o in self.graph.outputs}
+        outputs = {name: env[name] for name in [o.name for o in self.graph.outputs] + list(keep)}
         latency = np.max(np.stack([finish.get(o.producer().name, zero) for o in self.graph.outputs]), axis=0)
         return StepResult(outputs, energy, per_core, per_layer, latency, sent, received, flits, flit_hops,
                           lane_ops, dense_macs, tokens, total_counts)
