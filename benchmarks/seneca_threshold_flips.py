@@ -3,11 +3,12 @@
     python benchmarks/seneca_threshold_flips.py /tmp/smolsen0.5 --tokens 64
 
 DIR is written by `sparsecc compile ... --target seneca -o DIR`. On one window of WikiText-2
-test it runs ONNX Runtime (graph as written) and the simulator three ways: the target as
-compiled (16-bit values), the same with 32-bit values, and the dense baseline (thresholds
-out) in 16 bit against ORT on the model with every threshold at 0. Per Threshold it prints
-how many activations are zeroed on one side and kept on the other ("flips") and the first
-token that flips; then the argmax agreement of each run.
+test it runs ONNX Runtime (graph as written) as the reference and against it: ONNX Runtime
+with its graph optimizations (the peer: float32 too, sums in another order), the simulator
+with the target as compiled (16-bit values), the same with 32-bit values, and the dense
+baseline (thresholds out) in 16 bit against ORT on the model with every threshold at 0. Per
+Threshold it prints how many activations are zeroed on one side and kept on the other
+("flips") and the first token that flips; then the argmax agreement of each run.
 """
 from __future__ import annotations
 
@@ -45,14 +46,16 @@ def main(argv=None) -> None:
     with ort_session(model, names, optimize=False) as session:
         ref = dict(zip([logits, *names], session.run([logits, *names], feed)))
     runs = {}
+    with ort_session(model, names) as session:
+        runs["ORT optimized"] = dict(zip([logits, *names], session.run([logits, *names], feed)))
     for label, target in (("16-bit values", load_target(args.dir / "target.toml")), ("32-bit values", load_target(wide))):
         runs[label] = Simulator(model, target).run(feed, keep=tuple(names)).outputs
     wide.unlink()
-    print(f"{'threshold':<28} {'flips 16-bit':>12} {'flips 32-bit':>12} {'first token (32-bit)':>20}")
+    print(f"{'threshold':<28} " + " ".join(f"{'flips ' + label:>20}" for label in runs) + f" {'first token (32-bit)':>20}")
     for name in names:
-        flips = [(runs[label][name] == 0) != (ref[name] == 0) for label in runs]
-        tokens = np.flatnonzero(flips[1].reshape(-1, flips[1].shape[-1]).any(axis=1))
-        print(f"{name:<28} {int(flips[0].sum()):>12} {int(flips[1].sum()):>12} {tokens[0] if len(tokens) else '-':>20}")
+        flips = [(run[name] == 0) != (ref[name] == 0) for run in runs.values()]
+        tokens = np.flatnonzero(flips[-1].reshape(-1, flips[-1].shape[-1]).any(axis=1))
+        print(f"{name:<28} " + " ".join(f"{int(f.sum()):>20}" for f in flips) + f" {tokens[0] if len(tokens) else '-':>20}")
     for label, out in runs.items():
         print(f"argmax agreement with ORT, {label}: {(out[logits].argmax(-1) == ref[logits].argmax(-1)).mean():.1%}")
     for node in thresholds:  # dense: every threshold at 0 in ORT; the simulator's dense baseline

@@ -187,8 +187,14 @@ class Simulator:
         return out
 
     # The step -------------------------------------------------------------------------------------
-    def run(self, feeds: dict[str, np.ndarray], keep: tuple[str, ...] = ()) -> StepResult:
-        """One window's token steps; `keep` names intermediate values to return beside the outputs."""
+    def run(self, feeds: dict[str, np.ndarray], keep: tuple[str, ...] = (),
+            decisions: dict[str, np.ndarray] | None = None) -> StepResult:
+        """One window's token steps; `keep` names intermediate values to return beside the outputs.
+
+        `decisions` (validation only) maps a Threshold's output name to a reference's output
+        for it: the threshold then keeps exactly the channels the reference kept, so a value
+        within rounding of t cannot send the two runs down different paths. Costs still come
+        from the handler's own program."""
         first = np.asarray(feeds[self.graph.inputs[0].name])
         # token ids [.., T], or embeddings [.., T, width]
         tokens = int(first.size if np.issubdtype(first.dtype, np.integer) else first.size // first.shape[-1])
@@ -217,6 +223,8 @@ class Simulator:
                     outputs = [live_inputs[0]] if ops.is_threshold(node) else self._reference(node, live_inputs)
                 else:
                     outputs = self._reference(node, live_inputs)
+                    if decisions is not None and node.outputs[0].name in decisions:
+                        outputs = [np.where(decisions[node.outputs[0].name] != 0, live_inputs[0], 0).astype(outputs[0].dtype)]
                     work[node.name] = [self._dense_work(node, kind, live_inputs, outputs, tokens)]
                 outputs = [o if v.name in self.fused or not _is_float(o) else self.round(o)
                            for v, o in zip(node.outputs, outputs)]
