@@ -140,6 +140,9 @@ class Simulator:
                     self.consumers[v.name].append(node)
         self.live, self.live_values = self._data_dependent()
         self.fused = self._fused()
+        # values a live node writes are already in the value format (or stay in registers: fused);
+        # only graph inputs and constants are rounded where they are read
+        self.formatted = {v.name for n in self.nodes if n.name in self.live for v in n.outputs}
         unsupported = sorted({n.op_type for n in self.nodes if n.name in self.live and not self._handled(n)})
         if unsupported:
             raise SparseccError(f"the seneca backend has no handler for {', '.join(unsupported)}; "
@@ -217,8 +220,7 @@ class Simulator:
                     k, n = self.weights[node.name].shape
                     dense_macs += tokens * k * n
             else:
-                live_inputs = [x if v is None or v.name in self.fused or x is None or not _is_float(x) else self.round(x)
-                               for v, x in zip(node.inputs, inputs)]
+                live_inputs = [self._read(v, x) for v, x in zip(node.inputs, inputs)]
                 if kind == "view":
                     outputs = [live_inputs[0]] if ops.is_threshold(node) else self._reference(node, live_inputs)
                 else:
@@ -226,12 +228,21 @@ class Simulator:
                     if decisions is not None and node.outputs[0].name in decisions:
                         outputs = [np.where(decisions[node.outputs[0].name] != 0, live_inputs[0], 0).astype(outputs[0].dtype)]
                     work[node.name] = [self._dense_work(node, kind, live_inputs, outputs, tokens)]
-                outputs = [o if v.name in self.fused or not _is_float(o) else self.round(o)
-                           for v, o in zip(node.outputs, outputs)]
+                selects = (node.op_type in _MOVES or kind == "Threshold") and not any(
+                    v is not None and v.name in self.fused for v in node.inputs)
+                if not selects:  # a selection of values already in the value format needs no rounding
+                    outputs = [o if v.name in self.fused or not _is_float(o) else self.round(o)
+                               for v, o in zip(node.outputs, outputs)]
             for v, o in zip(node.outputs, outputs):
                 env[v.name] = o
         self.work = work
         return self._account(env, work, tokens, lane_ops, dense_macs, keep)
+
+    def _read(self, value: ir.Value | None, x):
+        """`x` as a handler reads it: rounded to the value format unless it already is."""
+        if value is None or x is None or value.name in self.formatted or not _is_float(x):
+            return x
+        return self.round(x)
 
     def _reference(self, node: ir.Node, inputs: list) -> list:
         runner = self.runners[node.name]
@@ -240,9 +251,9 @@ class Simulator:
     def _tiled(self, node: ir.Node, inputs: list, tokens: int):
         w = self.weights[node.name]
         if node.name in self.sites:
-            x = inputs[0]
+            x = self._read(node.inputs[0], inputs[0])
             lead = x.shape[:-1]
-            x2 = self.round(x).reshape(-1, x.shape[-1])
+            x2 = x.reshape(-1, x.shape[-1])
         else:  # embedding: a one-hot event per token (channel = token id, value 1)
             ids = np.asarray(inputs[1]).reshape(-1)
             lead = np.asarray(inputs[1]).shape
@@ -433,6 +444,10 @@ class Simulator:
                 continue  # the first k-tile of an n-range sends the summed outputs
             out.append((tile.core, int(np.count_nonzero(flat[:, tile.n[0]:tile.n[1]]))))
         return out
+
+
+# Ops whose outputs are elements of their inputs (or zeros): no rounding after them.
+_MOVES = (dense.VIEWS | dense.COPIES) - {"Cast", "CastLike", "CumSum", "Range", "ConstantOfShape"}
 
 
 def _is_float(x) -> bool:
