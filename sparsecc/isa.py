@@ -9,12 +9,15 @@ plus an immediate.
     unit  mnemonic  operands          meaning (per lane for NPE ops)             energy key
     NPE   ADD SUB MUL  rd, ra, rb     rd = ra op rb (16-bit float)               add/sub/mul
     NPE   MAC          rd, ra, rb     rd += ra * rb (costed as MUL + ADD)        mul+add
-    NPE   ADD8 MUL8 MAC8 rd, ra, rb   packed 2 x INT8 forms                      int8x2 (MAC8 twice)
+    NPE   ADD8 MUL8    rd, ra, rb     packed 2 x INT8, wrapping in the 16-bit word  int8x2
+    NPE   MAC8         rd, ra, rb     widening dot step: rd += lo int8 of ra x int8 of rb,  int8x2 twice
+                                      rd+1 += hi int8 of ra x int8 of rb (32-bit integers)
     NPE   GTH MAX MIN  rd, ra, rb     compare                                    compare
     NPE   EQL          rd, ra, rb     equality mask                              eql_abs
     NPE   AND ORR      rd, ra, rb     bitwise                                    logic
     NPE   ABS          rd, ra         |ra|                                       eql_abs
-    NPE   I2F RND      rd, ra         int to float, round                        i2f/rnd
+    NPE   I2F RND      rd, ra         int16 word to float, round                 i2f/rnd
+    NPE   I2FW         rd, ra         32-bit integer to float (MAC8 results)     i2f
     NPE   SHL SHR      rd, ra, imm    shifts                                     shift
     NPE   MLD          rd, [xa+imm]   load 8 words                               mld
     NPE   MST          rs, [xa+imm]   store 8 words                              mst
@@ -79,6 +82,7 @@ for _i, (_name, _fmt, _unit) in enumerate([
     ("LW", "W", "ctrl"), ("SW", "W", "ctrl"), ("LOOP", "L", "ctrl"),
     ("BEQ", "B", "ctrl"), ("BNE", "B", "ctrl"), ("JMP", "J", "ctrl"), ("RECV", "Q", "ctrl"),
     ("SEND", "N", "ctrl"), ("SYNC", "N", "ctrl"), ("HALT", "Z", "ctrl"),
+    ("I2FW", "U", "npe"),   # added after the first release: opcodes stay stable
 ], start=1):
     OPCODES[_name] = (_i, _fmt, _unit)
 BY_CODE = {code: name for name, (code, _, _) in OPCODES.items()}

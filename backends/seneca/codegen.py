@@ -10,13 +10,19 @@ output (channel n0 + neuron) and sends them along its route.
 Accumulators live in NPE registers (32-bit partial sums). When the tile has more groups than
 registers, the handler first buffers the step's events in data memory (channel, value: two
 words each) and then replays the buffer once per block of groups that fits the registers.
+
+An integer tile (int8 weights, int8 events) packs two weights per 16-bit word: a group is 16
+neurons, lane j of the NPE array holds neurons j (low byte) and j + 8 (high byte), and one
+MAC8 adds both products to two 32-bit integer accumulators. At the end of the step each
+accumulator becomes a float (I2FW) and is multiplied by its neuron's 16-bit scale (activation
+scale x weight scale, stored after the rows) before it is captured.
 """
 from __future__ import annotations
 
 import dataclasses
 
 ACC_FIRST = 8   # r0: broadcast event value, r1-r2: scratch, r8..: accumulators
-X_BASE, X_STRIDE, X_CHAN, X_VAL, X_ROW, X_OUT, X_BUF, X_COUNT, X_FIRST = range(1, 10)  # controller registers (x0 is zero)
+X_BASE, X_STRIDE, X_CHAN, X_VAL, X_ROW, X_OUT, X_BUF, X_COUNT, X_FIRST, X_SCALE = range(1, 11)  # controller registers (x0 is zero)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,19 +34,30 @@ class LinearTile:
     n1: int
     weight_base: int      # word address of row k0
     route: int = 0
+    int8: bool = False    # int8 weights and events (MAC8), else 16-bit floats
+
+    @property
+    def group_size(self) -> int:
+        """Neurons per vector instruction: 8 NPEs, two int8 lanes each for an integer tile."""
+        return 16 if self.int8 else 8
 
     @property
     def groups(self) -> int:
-        return -(-(self.n1 - self.n0) // 8)
+        return -(-(self.n1 - self.n0) // self.group_size)
 
     @property
     def row_words(self) -> int:
         return 8 * self.groups
 
     @property
+    def scale_base(self) -> int:
+        """Word address of the per-neuron 16-bit scales (integer tiles)."""
+        return self.weight_base + (self.k1 - self.k0) * self.row_words
+
+    @property
     def buffer_base(self) -> int:
         """Word address of the event buffer (used when the groups take several register blocks)."""
-        return self.weight_base + (self.k1 - self.k0) * self.row_words
+        return self.scale_base + (16 * self.groups if self.int8 else 0)
 
     @property
     def buffer_words(self) -> int:
@@ -49,16 +66,18 @@ class LinearTile:
 
 def linear_handler(tile: LinearTile, registers: int = 64) -> str:
     """Assembly of one step of the tile's event handler."""
-    block = registers - ACC_FIRST
+    per_group = 2 if tile.int8 else 1     # accumulators per group
+    block = (registers - ACC_FIRST) // per_group
     blocks = [range(g, min(g + block, tile.groups)) for g in range(0, tile.groups, block)]
     lines = [f"; linear tile {tile.name}: k[{tile.k0}:{tile.k1}] x n[{tile.n0}:{tile.n1}], "
              f"{tile.groups} groups in {len(blocks)} register block{'s' if len(blocks) > 1 else ''}",
              f"    LI    x{X_BASE}, {tile.weight_base}",
              f"    LI    x{X_STRIDE}, {tile.row_words}",
-             f"    LI    x{X_FIRST}, {-tile.k0}"]
+             f"    LI    x{X_FIRST}, {-tile.k0}"] + ([f"    LI    x{X_SCALE}, {tile.scale_base}"] if tile.int8 else [])
+    mac = "MAC8" if tile.int8 else "MAC"
 
     def clear(groups):
-        return [f"    SUB   r{ACC_FIRST + i}, r{ACC_FIRST + i}, r{ACC_FIRST + i}" for i in range(len(groups))]
+        return [f"    SUB   r{ACC_FIRST + i}, r{ACC_FIRST + i}, r{ACC_FIRST + i}" for i in range(per_group * len(groups))]
 
     def accumulate(groups):  # the event (x_chan, x_val) into the block's accumulators
         out = [f"    ADDX  x{X_CHAN}, x{X_CHAN}, x{X_FIRST}",
@@ -66,13 +85,17 @@ def linear_handler(tile: LinearTile, registers: int = 64) -> str:
                f"    ADDX  x{X_ROW}, x{X_ROW}, x{X_BASE}",
                f"    VSET  r0, x{X_VAL}"]
         for i, g in enumerate(groups):
-            out += [f"    MLD   r1, [x{X_ROW}+{8 * g}]", f"    MAC   r{ACC_FIRST + i}, r1, r0"]
+            out += [f"    MLD   r1, [x{X_ROW}+{8 * g}]", f"    {mac:<5} r{ACC_FIRST + per_group * i}, r1, r0"]
         return out
 
     def capture(groups):
-        out = [f"    LI    x{X_OUT}, {tile.n0 + 8 * groups[0]}"]
-        for i in range(len(groups)):
-            out += [f"    EVC   r{ACC_FIRST + i}, x{X_OUT}", f"    ADDI  x{X_OUT}, x{X_OUT}, 8"]
+        out = [f"    LI    x{X_OUT}, {tile.n0 + tile.group_size * groups[0]}"]
+        for i, g in enumerate(groups):
+            for lane in range(per_group):   # integer tile: to float, times the neurons' scales
+                acc = f"r{ACC_FIRST + per_group * i + lane}"
+                if tile.int8:
+                    out += [f"    I2FW  {acc}, {acc}", f"    MLD   r1, [x{X_SCALE}+{16 * g + 8 * lane}]", f"    MUL   {acc}, {acc}, r1"]
+                out += [f"    EVC   {acc}, x{X_OUT}", f"    ADDI  x{X_OUT}, x{X_OUT}, 8"]
         return out
 
     if len(blocks) == 1:

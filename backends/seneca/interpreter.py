@@ -1,10 +1,11 @@
 """Reference interpreter of sparsecc's SENECA-style ISA: one core, one instruction at a time.
 
 It defines what every instruction does, exactly, and counts every executed instruction by
-mnemonic. Numerics: data memory, events and the NoC carry 16-bit floats; NPE registers hold
-32-bit partial results (the target's `numerics.register_bits`, an assumption: a 16-bit running
-sum over 1536 inputs would keep little precision), so a value is rounded to 16 bit when it is
-stored (MST) or leaves as an event (EVC). It is slow by design; the simulator executes
+mnemonic. Numerics: data memory, events and the NoC carry 16-bit words, usually 16-bit floats;
+NPE registers hold 32-bit words (the target's `numerics.register_format`, an assumption: a
+16-bit running sum over 1536 inputs would keep little precision): float32 partial results,
+or the 32-bit integers MAC8 accumulates. A float is rounded to 16 bit when it is stored (MST)
+or leaves as an event (EVC). An integer event carries its int8 value in the word's low byte. It is slow by design; the simulator executes
 handlers vectorised and is tested against it.
 """
 from __future__ import annotations
@@ -25,7 +26,12 @@ F32 = np.float32
 @dataclasses.dataclass
 class Event:
     channel: int
-    value: np.float16
+    value: np.float16   # the event's 16-bit word
+
+    @classmethod
+    def int8(cls, channel: int, q: int) -> Event:
+        """An integer event: `q` in the word's low byte."""
+        return cls(channel, np.array(q, np.int8).view(np.uint8).astype(np.uint16).view(F16)[()])
 
 
 @dataclasses.dataclass
@@ -43,6 +49,7 @@ class Core:
 
     def __post_init__(self):
         self.r = np.zeros((self.registers, LANES), F32)
+        self.ri = self.r.view(np.int32)     # the same 32-bit registers read as integers
         self.memory = np.zeros(self.memory_words, np.uint16)
 
     def load(self, address: int) -> np.ndarray:
@@ -90,11 +97,19 @@ def run(core: Core, program: list[Instruction], max_steps: int = 10_000_000) -> 
             r[a[0]] = _bits(r[a[1]]).view(np.int16).astype(F32)
         elif op == "RND":
             r[a[0]] = np.rint(r[a[1]])
-        elif op in ("ADD8", "MUL8", "MAC8"):  # two int8 lanes per 16-bit word, wrapping
+        elif op in ("ADD8", "MUL8"):  # two int8 lanes per 16-bit word, wrapping
             lhs, rhs = _bits(r[a[1]]).view(np.int8).astype(np.int16), _bits(r[a[2]]).view(np.int8).astype(np.int16)
-            acc = _bits(r[a[0]]).view(np.int8).astype(np.int16)
-            out = {"ADD8": lhs + rhs, "MUL8": lhs * rhs, "MAC8": acc + lhs * rhs}[op]
+            out = lhs + rhs if op == "ADD8" else lhs * rhs
             r[a[0]] = _word16(out.astype(np.int8).view(np.uint16))
+        elif op == "MAC8":  # widening: the lo and hi int8 of ra times rb's low-byte int8, into rd and rd+1
+            if a[0] + 1 >= core.registers:
+                raise SparseccError(f"MAC8 r{a[0]} needs r{a[0] + 1} too; the core has {core.registers} registers")
+            pairs = _bits(r[a[1]]).view(np.int8).reshape(LANES, 2).astype(np.int32)
+            value = _bits(r[a[2]]).view(np.int8).reshape(LANES, 2)[:, 0].astype(np.int32)
+            core.ri[a[0]] += pairs[:, 0] * value
+            core.ri[a[0] + 1] += pairs[:, 1] * value
+        elif op == "I2FW":
+            r[a[0]] = core.ri[a[1]].astype(F32)
         elif op == "MLD":
             r[a[0]] = core.load(x[a[1]] + a[2])
         elif op == "MST":

@@ -6,6 +6,10 @@ product does all tokens at once: the products are exact in float32 and only the 
 the additions differs from the handler's channel order, so outputs agree with the
 interpreter to within one 16-bit rounding step (tested).
 
+An integer tile accumulates int8 x int8 products exactly in 32-bit integers, so one integer
+matrix product equals the handler bit for bit: float32(sum) x the neuron's 16-bit scale,
+rounded to 16 bit at capture.
+
 Counts: the handler's control flow does not depend on data, so one step with E events
 executes counts(0 events) + E x (counts(1 event) - counts(0 events)) instructions. Both are
 measured by running the emitted program on the reference interpreter, so every executed
@@ -61,12 +65,35 @@ def window_counts(tile: LinearTile, events: np.ndarray, registers: int = 64) -> 
     return counts
 
 
-def run_tile(tile: LinearTile, weights: np.ndarray, x: np.ndarray, registers: int = 64, round=round16):
-    """Run the tile's handler for every token of `x` ([T, k1 - k0] activations, 16-bit values;
+def run_tile(tile: LinearTile, weights: np.ndarray, x: np.ndarray, registers: int = 64, round=round16,
+             scale: np.ndarray | None = None):
+    """Run the tile's handler for every token of `x` ([T, k1 - k0] activations, 16-bit values,
+    or int8 for an integer tile, whose int8 `weights` come with per-neuron 16-bit `scale`s;
     zeros send no event). Returns the outputs [T, n1 - n0] (float32 holding `round`ed values),
     the executed instruction counts, the events received per token and the events captured
     (non-zero outputs)."""
-    x = np.asarray(x, np.float32)
-    out = round(x @ np.asarray(weights, np.float32))
+    if tile.int8:
+        acc = np.asarray(x, np.int32) @ np.asarray(weights, np.int32)   # exact: |sum| < 2^31 for k < 2^17
+        out = round(acc.astype(np.float32) * np.asarray(scale, np.float32))
+    else:
+        x = np.asarray(x, np.float32)
+        out = round(x @ np.asarray(weights, np.float32))
     events = np.count_nonzero(x, axis=1)
     return out, window_counts(tile, events, registers), events, int(np.count_nonzero(out))
+
+
+def tile_memory(tile: LinearTile, weights: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """The tile's data-memory words from `tile.weight_base` on: its weight rows [k1 - k0, n1 - n0]
+    padded to whole groups (integer tiles: neurons j and j + 8 of a group share word j), then
+    an integer tile's 16-bit scales."""
+    rows = tile.k1 - tile.k0
+    if not tile.int8:
+        padded = np.zeros((rows, tile.row_words), F16)
+        padded[:, : tile.n1 - tile.n0] = weights
+        return padded.view(np.uint16).ravel()
+    q = np.zeros((rows, tile.groups * 16), np.int8)
+    q[:, : tile.n1 - tile.n0] = weights
+    pairs = q.reshape(rows, tile.groups, 2, 8).transpose(0, 1, 3, 2)      # [row, group, lane, lo/hi]
+    scales = np.zeros(tile.groups * 16, F16)
+    scales[: tile.n1 - tile.n0] = scale
+    return np.concatenate([np.ascontiguousarray(pairs).view(np.uint16).ravel(), scales.view(np.uint16)])
