@@ -9,10 +9,12 @@ from sparsecc.pass_manager import Pass
 from sparsecc.passes.calibrate_thresholds import CalibrateThresholds
 from sparsecc.passes.discover_sites import DiscoverSites
 from sparsecc.passes.insert_thresholds import InsertThresholds
+from sparsecc.passes.quantize_activations import QuantizeActivations
 from sparsecc.passes.quantize_weights import QuantizeWeights
 from sparsecc.passes.partition import Partition
 
-BUILTIN: dict[str, type[Pass]] = {p.name: p for p in (DiscoverSites, InsertThresholds, CalibrateThresholds, QuantizeWeights, Partition)}
+BUILTIN: dict[str, type[Pass]] = {p.name: p for p in (DiscoverSites, InsertThresholds, CalibrateThresholds, QuantizeWeights,
+                                              QuantizeActivations, Partition)}
 
 
 def registry() -> dict[str, type[Pass]]:

@@ -16,14 +16,16 @@ model gets the whole placement as JSON in `metadata_props["sparsecc.placement"]`
    then a bounded, deterministic local search swaps pairs while that lowers the per-token
    byte-hops of the traffic graph.
 
-Memory model (16-bit words unless the weights are packed INT8): weights K x N x weight_bits;
+Memory model (16-bit words unless the weights are packed INT8): weights K x N x weight_bits,
+8 bits for a site with int8 weights and int8 activations (`sites.int8_operands`, which the
+seneca backend runs on its INT8 lanes) plus a 16-bit scale per output neuron;
 2 bytes of accumulator per output neuron of a tile, twice that when split by k (the partial
 sums of the previous token are still being sent); constants read by a node (norm weights,
 rotary tables, shape constants) once per core that reads them, 2 bytes per element; an
 attention product (activation x activation MatMul) keeps its non-query operand for
 `max_context` positions: max_context x (that operand's elements per position, as stored
 before head-repeating Expands) x 2 bytes. Nodes on a weight's path (Transpose, Cast,
-DequantizeLinear) are folded into its tiles; quantization scales are not counted yet.
+DequantizeLinear) are folded into its tiles.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from sparsecc.config import option
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, require
 from sparsecc.placement import CATEGORIES, METADATA_KEY, Mesh, Placement, Tile
-from sparsecc.sites import analyze, const_root
+from sparsecc.sites import analyze, const_root, int8_operands
 from sparsecc.target import Target, builtin, load_target
 
 WORD = 2          # bytes of a 16-bit activation, accumulator or constant
@@ -56,7 +58,8 @@ BUDGET = 1_000_000
 @dataclasses.dataclass(frozen=True)
 class PartitionConfig:
     target: str = option("seneca", "hardware target: a built-in name (`sparsecc list targets`) or a target TOML file")
-    weight_bits: int = option(16, "bits per stored weight: 16, or 8 for packed INT8 weights")
+    weight_bits: int = option(16, "bits per stored weight of float sites: 16, or 8 to size them as packed INT8 "
+                                  "(integer sites, int8 weights and activations, always take 8)")
     max_context: int = option(256, "positions of attention state (K/V) kept resident per attention product")
     headroom: float = option(0.9, "fraction of each core's data memory the model may use; the rest is for "
                                   "event queues and the stack")
@@ -91,7 +94,8 @@ class Partition(Pass):
         found = _find_tiled(graph)
         memory = {node.name: _op_memory(node, found, c.max_context) for node in graph if found.is_op(node.name)}
         _check_fits(found, memory, unit, mesh, capacity, target, c)
-        cuts = {name: _site_cuts(k, n, unit, capacity, bias) for name, (k, n, bias) in found.sites.items()}
+        cuts = {name: _site_cuts(k, n, 1 if name in found.int8 else unit, capacity, bias, name in found.int8)
+                for name, (k, n, bias) in found.sites.items()}
         cuts |= {name: _table_cuts(rows, width, unit, capacity)
                  for name, (rows, width) in found.tables.items() if name not in found.tied}
         parts, homes, op_part = _pack(graph, cuts, memory, capacity)
@@ -126,6 +130,7 @@ class Partition(Pass):
 @dataclasses.dataclass
 class _Tiled:
     sites: dict[str, tuple[int, int, bool]] = dataclasses.field(default_factory=dict)  # -> (K, N, Gemm bias?)
+    int8: set[str] = dataclasses.field(default_factory=set)  # sites with int8 weights and activations
     tables: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # table Gather -> (rows, width)
     tied: dict[str, str] = dataclasses.field(default_factory=dict)  # Gather sharing a site's weight -> the site
     followers: dict[str, str] = dataclasses.field(default_factory=dict)  # weight-path node -> the node it feeds
@@ -165,6 +170,8 @@ def _find_tiled(graph: ir.Graph) -> _Tiled:
     for site, node in zip(analysis.sites, analysis.nodes):
         bias = node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None
         found.sites[node.name] = (site.in_features, site.out_features, bias)
+        if int8_operands(node) is not None:
+            found.int8.add(node.name)
         found.widths[node.name] = site.out_features
         by_weight.setdefault(site.weight, (node.name, site.in_features, site.out_features))
         for path_node in _weight_path(node.inputs[1]):
@@ -309,12 +316,14 @@ def _grid(inner: int, outer: int, unit: int, capacity: int, state: int, split_st
                         "accumulator; raise core.data_memory_bytes in the target file or the headroom")
 
 
-def _site_cuts(k: int, n: int, unit: int, capacity: int, bias: bool) -> list[_Cut]:
-    """By output neurons first. A Gemm bias costs a word per neuron (held by the k0 = 0 slice)."""
-    extra = WORD if bias else 0
+def _site_cuts(k: int, n: int, unit: int, capacity: int, bias: bool, scaled: bool = False) -> list[_Cut]:
+    """By output neurons first. A Gemm bias costs a word per neuron (held by the k0 = 0 slice),
+    an integer site's scale a word per neuron in every slice (each scales its own partial sums)."""
+    extra = WORD * (bias + scaled)
     pieces_k, pieces_n = _grid(k, n, unit, capacity, WORD + extra, 2 * WORD + extra)
     state = WORD if pieces_k == 1 else 2 * WORD
-    return [_Cut((k0, k1), (n0, n1), (k1 - k0) * (n1 - n0) * unit + (extra * (n1 - n0) if k0 == 0 else 0),
+    per_neuron = {True: extra, False: WORD * scaled}     # k0 == 0 or not
+    return [_Cut((k0, k1), (n0, n1), (k1 - k0) * (n1 - n0) * unit + per_neuron[k0 == 0] * (n1 - n0),
                  state * (n1 - n0))
             for n0, n1 in _ranges(n, pieces_n) for k0, k1 in _ranges(k, pieces_k)]
 

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sparsecc.config import option
+from sparsecc.model_io import add_initializer
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass
 from sparsecc.quant import dequantize, quantize
@@ -68,14 +69,14 @@ class QuantizeWeights(Pass):
     def _dequantized(self, graph: ir.Graph, node: ir.Node, q: np.ndarray, scale: np.ndarray, name: str) -> ir.Value:
         k, n = q.shape
         if scale.shape[0] == 1:
-            q_value = _initializer(graph, f"{name}.weight", q)
-            s_value = _initializer(graph, f"{name}.scale", scale[0])
+            q_value = add_initializer(graph, f"{name}.weight", q)
+            s_value = add_initializer(graph, f"{name}.scale", scale[0])
             nodes = [ir.node("DequantizeLinear", [q_value, s_value], attributes={"axis": 1}, name=name)]
         else:
             groups = scale.shape[0]
-            q_value = _initializer(graph, f"{name}.weight", q.reshape(groups, k // groups, n))
-            s_value = _initializer(graph, f"{name}.scale", scale.reshape(groups, 1, n))
-            shape = _initializer(graph, f"{name}.shape", np.array([k, n], np.int64))
+            q_value = add_initializer(graph, f"{name}.weight", q.reshape(groups, k // groups, n))
+            s_value = add_initializer(graph, f"{name}.scale", scale.reshape(groups, 1, n))
+            shape = add_initializer(graph, f"{name}.shape", np.array([k, n], np.int64))
             cast = ir.node("Cast", [q_value], attributes={"to": ir.DataType.FLOAT}, name=f"{name}.cast")
             mul = ir.node("Mul", [cast.outputs[0], s_value], name=f"{name}.mul")
             nodes = [cast, mul, ir.node("Reshape", [mul.outputs[0], shape], name=name)]
@@ -85,13 +86,6 @@ class QuantizeWeights(Pass):
         out = nodes[-1].outputs[0]
         out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape([k, n])
         return out
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
 
 
 def _remove_unused(graph: ir.Graph) -> None:

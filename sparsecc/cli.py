@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cache-dir", type=Path, default=None, metavar="DIR", help=f"calibration cache (default {default_cache_dir()})")
     c.add_argument("--no-cache", action="store_true", help="do not read or write the calibration cache")
     c.add_argument("--quant", choices=sorted(pipelines.QUANT), help="quantize weights first: w8 = int8 per output "
-                   "channel, w4 = int4 in groups of 32 input channels (the quantize-weights pass)")
+                   "channel, w4 = int4 in groups of 32 input channels (the quantize-weights pass); w8a8 = w8 and "
+                   "int8 events (quantize-activations after the thresholds)")
     c.add_argument("--dump-after", action="append", default=[], metavar="PASS",
                    help="write the IR as text after this pass (id or name) to OUT.dumps/")
     group = c.add_argument_group("pass options (from the passes' configs)")

@@ -18,6 +18,7 @@ plus an immediate.
     NPE   ABS          rd, ra         |ra|                                       eql_abs
     NPE   I2F RND      rd, ra         int16 word to float, round                 i2f/rnd
     NPE   I2FW         rd, ra         32-bit integer to float (MAC8 results)     i2f
+    NPE   F2I          rd, ra         float to int8 (round half even, saturate) as a 16-bit integer word   rnd
     NPE   SHL SHR      rd, ra, imm    shifts                                     shift
     NPE   MLD          rd, [xa+imm]   load 8 words                               mld
     NPE   MST          rs, [xa+imm]   store 8 words                              mst
@@ -82,7 +83,7 @@ for _i, (_name, _fmt, _unit) in enumerate([
     ("LW", "W", "ctrl"), ("SW", "W", "ctrl"), ("LOOP", "L", "ctrl"),
     ("BEQ", "B", "ctrl"), ("BNE", "B", "ctrl"), ("JMP", "J", "ctrl"), ("RECV", "Q", "ctrl"),
     ("SEND", "N", "ctrl"), ("SYNC", "N", "ctrl"), ("HALT", "Z", "ctrl"),
-    ("I2FW", "U", "npe"),   # added after the first release: opcodes stay stable
+    ("I2FW", "U", "npe"), ("F2I", "U", "npe"),   # added after the first release: opcodes stay stable
 ], start=1):
     OPCODES[_name] = (_i, _fmt, _unit)
 BY_CODE = {code: name for name, (code, _, _) in OPCODES.items()}

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from sparsecc.errors import SparseccError
@@ -63,6 +64,14 @@ def _check_external_data(model: ir.Model, base: Path) -> None:
         if tensor.length is not None and tensor.offset + tensor.length > location.stat().st_size:
             raise SparseccError(f"external data file {location} is truncated (initializer {value.name!r} "
                                 "ends past its end); copy it again")
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer of `graph` holding `array`."""
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
 
 
 def weight_bytes(model: ir.Model) -> int:

@@ -33,14 +33,16 @@ SCHEMA = "sparsecc.pipeline/1"
 DATA_KEYS = ("calib", "tokenizer", "seq_len", "windows")
 
 
-# --quant choices -> quantize-weights options
-QUANT = {"w8": {"bits": 8}, "w4": {"bits": 4, "group": 32}}
+# --quant choices -> quantize-weights options (and quantize-activations for int8 events)
+QUANT = {"w8": {"bits": 8}, "w4": {"bits": 4, "group": 32}, "w8a8": {"bits": 8}}
+EVENTS8 = {"w8a8"}
 
 
 def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_consumer: bool = False,
                      include_head: bool = False, refine: int = 1, quant: str | None = None) -> list[Pass]:
-    """The standard sparsification pipeline; with `quant` ("w8", "w4"), weights are quantized
-    first, so thresholds are calibrated on the quantized model."""
+    """The standard sparsification pipeline; with `quant` ("w8", "w4", "w8a8"), weights are
+    quantized first, so thresholds are calibrated on the quantized model; "w8a8" then
+    quantizes the sites' inputs to int8 (raising thresholds to the quantizer's zero band)."""
     from sparsecc import passes
 
     if quant is not None and quant not in QUANT:
@@ -50,6 +52,7 @@ def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_cons
         *([passes.get("quantize-weights")(**QUANT[quant])] if quant else []),
         passes.get("insert-thresholds")(per_consumer=per_consumer, include_head=include_head),
         passes.get("calibrate-thresholds")(sparsity=sparsity, mode=mode, refine=refine),
+        *([passes.get("quantize-activations")()] if quant in EVENTS8 else []),
     ]
 
 

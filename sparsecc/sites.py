@@ -264,3 +264,63 @@ def weight_array(value: ir.Value) -> np.ndarray:
             scale, zero = scale.reshape(shape), np.reshape(zero, shape) if np.ndim(zero) else zero
         return ((x.astype(np.float32) - zero) * scale).astype(scale.dtype)
     return x  # Identity
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Operands:
+    """A site that integer hardware runs as int8 x int8: symmetric int8 weights (one scale per
+    output neuron, or one for all) and symmetric int8 activations (one scale)."""
+    weight: np.ndarray          # int8 [K, N]
+    weight_scale: np.ndarray    # float32 [N]
+    events: ir.Value            # the int8 activation: the QuantizeLinear output the site's DequantizeLinear reads
+    event_scale: float
+    dequantize: ir.Node         # that DequantizeLinear
+
+
+def int8_operands(node: ir.Node) -> Int8Operands | None:
+    """The integer form of a MatMul/Gemm site, or None when either operand is not symmetric int8."""
+    transposed = node.op_type == "Gemm" and node.attributes.get("transB") is not None and node.attributes["transB"].value
+    if node.op_type == "Gemm" and any(node.attributes.get(a) is not None and node.attributes[a].value != d
+                                      for a, d in (("alpha", 1.0), ("beta", 1.0), ("transA", 0))):
+        return None
+    wq = _symmetric_int8_dequantize(node.inputs[1])
+    dq = node.inputs[0].producer()
+    xq = _symmetric_int8_dequantize(node.inputs[0])
+    if wq is None or xq is None or wq[0].const_value is None or xq[1].size != 1:
+        return None
+    quantize = xq[0].producer()
+    if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.domain != "":
+        return None
+    q_scale = _const_array(quantize.inputs[1])
+    q_zero = _const_array(quantize.inputs[2]) if len(quantize.inputs) > 2 and quantize.inputs[2] is not None else None
+    if (q_scale is None or q_scale.size != 1 or float(q_scale.reshape(())) != float(xq[1].reshape(()))
+            or q_zero is None or np.any(q_zero != 0)):
+        return None
+    weight, scale = wq[0].const_value.numpy(), wq[1].astype(np.float32)
+    if weight.ndim != 2 or (scale.size > 1 and wq[2] % 2 != (0 if transposed else 1)):  # one scale per output neuron
+        return None
+    weight = weight.T if transposed else weight
+    if scale.size not in (1, weight.shape[1]):
+        return None
+    return Int8Operands(weight, np.broadcast_to(scale.reshape(-1), (weight.shape[1],)).astype(np.float32),
+                        xq[0], float(xq[1].reshape(())), dq)
+
+
+def _symmetric_int8_dequantize(value: ir.Value):
+    """(int8 input, scale array, axis) when `value` is DequantizeLinear of int8 with zero point 0."""
+    node = value.producer()
+    if node is None or node.op_type != "DequantizeLinear" or node.domain != "":
+        return None
+    if node.inputs[0].dtype != ir.DataType.INT8:
+        return None
+    scale = _const_array(node.inputs[1])
+    if scale is None:
+        return None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        zero = _const_array(node.inputs[2])
+        if zero is None or np.any(zero != 0):
+            return None
+    if node.attributes.get("block_size") is not None and node.attributes["block_size"].value:
+        return None
+    axis = node.attributes["axis"].value if node.attributes.get("axis") is not None else 1
+    return node.inputs[0], scale, axis

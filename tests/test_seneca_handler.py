@@ -120,6 +120,8 @@ def test_interpreter_semantics():
         MAC8  r10, r6, r6       ; widening: r10 += lo x lo, r11 += hi x lo (32-bit integers)
         MAC8  r10, r6, r6
         I2FW  r12, r11
+        F2I   r13, r4           ; 3 x (1..8), saturated at 127 -> int words
+        I2F   r14, r13
         SHL   r8, r3, 1
         AND   r9, r8, r8
         LW    x3, [x1+8]
@@ -143,6 +145,7 @@ def test_interpreter_semantics():
     np.testing.assert_array_equal(core.ri[10], 2 * lo * lo)
     np.testing.assert_array_equal(core.ri[11], 2 * hi * lo)
     np.testing.assert_array_equal(core.r[12], (2 * hi * lo).astype(np.float32))
+    np.testing.assert_array_equal(core.r[14], 3 * np.arange(1, 9, dtype=np.float32))
     assert core.r[8].astype(F16).view(np.uint16)[0] == (np.array(1, F16).view(np.uint16) << 1)
     assert core.memory[40] == 0x0103 and core.x[5] == 5
     assert core.counts["ADD"] == 3 and core.counts["BNE"] == 5

@@ -17,7 +17,7 @@ CATEGORIES = ("npe", "memory", "controller", "noc")
 _NPE = {"ADD": ("add",), "SUB": ("sub",), "MUL": ("mul",), "MAC": ("mul", "add"), "ADD8": ("int8x2",),
         "MUL8": ("int8x2",), "MAC8": ("int8x2", "int8x2"), "GTH": ("compare",), "MAX": ("compare",),
         "MIN": ("compare",), "EQL": ("eql_abs",), "ABS": ("eql_abs",), "AND": ("logic",), "ORR": ("logic",),
-        "SHL": ("shift",), "SHR": ("shift",), "I2F": ("i2f",), "I2FW": ("i2f",), "RND": ("rnd",), "MLD": ("mld",), "MST": ("mst",),
+        "SHL": ("shift",), "SHR": ("shift",), "I2F": ("i2f",), "I2FW": ("i2f",), "F2I": ("rnd",), "RND": ("rnd",), "MLD": ("mld",), "MST": ("mst",),
         "EVC": ("evc",)}
 _CONTROLLER_MEMORY = {"LW", "SW", "RECV"}  # controller instructions that touch data memory
 _TO_CONTROLLER = {"VSET"}                  # a broadcast from the controller: costed as a RISC-V instruction

@@ -5,7 +5,7 @@ mnemonic. Numerics: data memory, events and the NoC carry 16-bit words, usually 
 NPE registers hold 32-bit words (the target's `numerics.register_format`, an assumption: a
 16-bit running sum over 1536 inputs would keep little precision): float32 partial results,
 or the 32-bit integers MAC8 accumulates. A float is rounded to 16 bit when it is stored (MST)
-or leaves as an event (EVC). An integer event carries its int8 value in the word's low byte. It is slow by design; the simulator executes
+or leaves as an event (EVC). An integer event carries its int8 value as a 16-bit integer word. It is slow by design; the simulator executes
 handlers vectorised and is tested against it.
 """
 from __future__ import annotations
@@ -30,8 +30,8 @@ class Event:
 
     @classmethod
     def int8(cls, channel: int, q: int) -> Event:
-        """An integer event: `q` in the word's low byte."""
-        return cls(channel, np.array(q, np.int8).view(np.uint8).astype(np.uint16).view(F16)[()])
+        """An integer event: int8 `q` as a 16-bit integer word (MAC8 reads its low byte)."""
+        return cls(channel, np.array(q, np.int16).view(F16)[()])
 
 
 @dataclasses.dataclass
@@ -110,6 +110,8 @@ def run(core: Core, program: list[Instruction], max_steps: int = 10_000_000) -> 
             core.ri[a[0] + 1] += pairs[:, 1] * value
         elif op == "I2FW":
             r[a[0]] = core.ri[a[1]].astype(F32)
+        elif op == "F2I":
+            r[a[0]] = _word16(np.clip(np.rint(r[a[1]]), -128, 127).astype(np.int16).view(np.uint16))
         elif op == "MLD":
             r[a[0]] = core.load(x[a[1]] + a[2])
         elif op == "MST":

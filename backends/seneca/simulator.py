@@ -3,7 +3,10 @@
 Per step, every node runs as the handler of the core(s) the placement gives it:
 - a linear site (and a constant-table Gather, the embedding) on its tiles, as event handlers:
   one event per non-zero input channel, executed vectorised over the window's tokens
-  (`linear.run_tile`), counted per token from the handler's own program;
+  (`linear.run_tile`), counted per token from the handler's own program; a site with int8
+  weights and int8 activations (`sites.int8_operands`) runs on the packed INT8 lanes, its
+  events the QuantizeLinear's integers (the site's activation DequantizeLinear is folded
+  into its scales);
 - any other op as a dense handler on its core (`dense`), with values from the ONNX reference
   implementation of the op on 16-bit inputs, rounded to 16 bit unless fused into a register;
 - shape arithmetic that does not depend on the tokens' values is folded at compile time
@@ -34,7 +37,7 @@ from sparsecc.backends.seneca.codegen import LinearTile, linear_handler
 from sparsecc.backends.seneca.linear import VALUE_FORMATS, run_tile, step_counts, window_counts
 from sparsecc.errors import SparseccError
 from sparsecc.placement import Placement, Tile
-from sparsecc.sites import analyze, const_root, weight_array
+from sparsecc.sites import analyze, const_root, int8_operands, weight_array
 from sparsecc.target import Target
 
 F32 = np.float32
@@ -93,16 +96,22 @@ class Simulator:
         analysis = analyze(model.graph)
         self.sites = {site.node: site for site in analysis.sites}
         self.site_nodes = {node.name: node for node in analysis.nodes}
+        self.int8 = {name: found for name, node in self.site_nodes.items() if (found := int8_operands(node))}
         self.tiles: dict[str, list[Tile]] = collections.defaultdict(list)
         self.weight_base: dict[Tile, int] = {}    # word address of each tile's weights on its core
         used: dict[int, int] = collections.Counter()
         for tile in self.placement.tiles:
             self.tiles[tile.owner].append(tile)
-            shape = LinearTile(tile.owner, *tile.k, *tile.n, 0)
+            shape = self._shape(tile, 0)
             self.weight_base[tile] = used[tile.core]
             used[tile.core] += shape.buffer_base + shape.buffer_words
         self.weights: dict[str, np.ndarray] = {}
+        self.scales: dict[str, np.ndarray] = {}   # integer sites: per neuron, activation x weight scale (16 bit)
         for name, node in self.site_nodes.items():
+            if name in self.int8:
+                self.weights[name] = self.int8[name].weight
+                self.scales[name] = self.round(self.int8[name].weight_scale * F32(self.int8[name].event_scale))
+                continue
             w = weight_array(node.inputs[1]).astype(F32)
             if node.op_type == "Gemm" and node.attributes.get("transB") is not None and node.attributes["transB"].value:
                 w = w.T
@@ -124,6 +133,11 @@ class Simulator:
             while (producer := value.producer()) is not None and producer.op_type != "Constant":
                 self.folded.add(producer.name)
                 value = producer.inputs[0]
+        # an activation DequantizeLinear read only by integer sites becomes their scales
+        unpacked = {found.dequantize.name: found for found in self.int8.values()}
+        unpacked = {name: found for name, found in unpacked.items()
+                    if all(user.name in self.int8 for user, _ in found.dequantize.outputs[0].uses())}
+        self.folded |= set(unpacked)
         proto = ir.serde.serialize_model(model)
         del proto.graph.initializer[:]
         kept = [n for n in proto.graph.node if n.name not in self.folded]
@@ -138,7 +152,11 @@ class Simulator:
             for v in node.inputs:
                 if v is not None:
                     self.consumers[v.name].append(node)
+        for name, found in unpacked.items():  # the integer events go straight to the sites
+            events = self.consumers[found.events.name]
+            events[:] = [n for n in events if n.name != name] + self.consumers.pop(found.dequantize.outputs[0].name)
         self.live, self.live_values = self._data_dependent()
+        self.live -= set(unpacked)
         self.fused = self._fused()
         # values a live node writes are already in the value format (or stay in registers: fused);
         # only graph inputs and constants are rounded where they are read
@@ -214,7 +232,7 @@ class Simulator:
             if node.name not in self.live:                      # folded at compile time
                 outputs = self._reference(node, inputs)
             elif kind == "tiled":
-                outputs, work[node.name], macs = self._tiled(node, inputs, tokens)
+                outputs, work[node.name], macs = self._tiled(node, inputs, tokens, env)
                 if node.name in self.sites:
                     lane_ops += macs
                     k, n = self.weights[node.name].shape
@@ -248,10 +266,15 @@ class Simulator:
         runner = self.runners[node.name]
         return list(runner.run(*inputs))
 
-    def _tiled(self, node: ir.Node, inputs: list, tokens: int):
+    def _shape(self, tile: Tile, weight_base: int) -> LinearTile:
+        return LinearTile(tile.owner, *tile.k, *tile.n, weight_base, int8=tile.owner in self.int8)
+
+    def _tiled(self, node: ir.Node, inputs: list, tokens: int, env: dict):
         w = self.weights[node.name]
-        if node.name in self.sites:
-            x = self._read(node.inputs[0], inputs[0])
+        scale = self.scales.get(node.name)
+        if node.name in self.sites:  # an integer site reads the int8 events, a float site its 16-bit input
+            x = (np.asarray(env[self.int8[node.name].events.name]) if node.name in self.int8
+                 else self._read(node.inputs[0], inputs[0]))
             lead = x.shape[:-1]
             x2 = x.reshape(-1, x.shape[-1])
         else:  # embedding: a one-hot event per token (channel = token id, value 1)
@@ -264,9 +287,10 @@ class Simulator:
         works, macs = [], 0
         for tile in sorted(self.tiles[node.name], key=lambda t: (t.n, t.k)):
             (k0, k1), (n0, n1) = tile.k, tile.n
-            shape = LinearTile(node.name, k0, k1, n0, n1, 0)
+            shape = self._shape(tile, 0)
             if x2 is not None:
-                partial, counts, events, captured = run_tile(shape, w[k0:k1, n0:n1], x2[:, k0:k1], self.registers, self.round)
+                partial, counts, events, captured = run_tile(shape, w[k0:k1, n0:n1], x2[:, k0:k1], self.registers, self.round,
+                                                             None if scale is None else scale[n0:n1])
             else:
                 hit = (ids >= k0) & (ids < k1)
                 events = hit.astype(np.int64)
@@ -277,7 +301,7 @@ class Simulator:
             by_n[(n0, n1)].append(partial)
             first.setdefault((n0, n1), tile)
             works.append(Work(tile.core, counts, np.asarray(cycles, F32), captured,
-                              linear_handler(LinearTile(node.name, k0, k1, n0, n1, self.weight_base[tile]), self.registers)))
+                              linear_handler(self._shape(tile, self.weight_base[tile]), self.registers)))
             macs += int(events.sum()) * (n1 - n0)
         bias = self._bias(node)
         for (n0, n1), partials in by_n.items():
@@ -404,7 +428,7 @@ class Simulator:
                 readers = [r for r in self.consumers.get(v.name, []) if r.name in self.live]
                 dests = sorted({c for r in readers for c in self.cores[r.name]})
                 value = env.get(v.name)
-                if value is None or not dests or not _is_float(value):
+                if value is None or not dests or not (_is_float(value) or value.dtype == np.int8):
                     continue
                 sources = self._sources(node, value)
                 for src, nonzero in sources:
