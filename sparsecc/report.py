@@ -105,9 +105,11 @@ def simulation_summary(report: dict, speed: dict | None = None) -> str:
                      f"{v['max_abs_logit_diff']:.4g} (of {v['max_abs_logit']:.4g}), MAC lane-ops {v['simulator_mac_lane_ops']} "
                      f"vs {v['ort_effective_macs']} from ORT activations ({v['mac_difference']:+.4%})")
         p = v["with_ort_decisions"]
-        lines.append(f"vs ort with ORT's threshold decisions: argmax agreement {_pct(p['argmax_agreement'])}, max |logit diff| "
+        lines.append(f"vs ort with ORT's decisions (thresholds, quantizers): argmax agreement {_pct(p['argmax_agreement'])}, max |logit diff| "
                      f"{p['max_abs_logit_diff']:.4g}; own decisions differing {p['decisions_differing']} of "
-                     f"{p['threshold_decisions']}, all within {p['largest_relative_margin_at_difference']:.2%} of t")
+                     f"{p['threshold_decisions']}, all within {p['largest_relative_margin_at_difference']:.2%} of t"
+                     + (f"; own int8 values differing {p['quantized_differing']} of {p['quantized_values']}, by at most "
+                        f"{p['largest_step_difference']} step(s)" if "quantized_values" in p else ""))
     if speed and "ort_tokens_per_s" in speed:
         sp = speed
         lines.append(f"speed: {sp['simulated_tokens_per_s']:.1f} simulated tokens/s, ORT {sp['ort_tokens_per_s']:.1f} "

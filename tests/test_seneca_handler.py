@@ -185,10 +185,12 @@ def test_integer_tile_handler_equals_vectorised_exactly(registers, n0, n1):
     rng = np.random.default_rng(2)
     q = rng.integers(-127, 128, (12, 48)).astype(np.int8)
     scale = round16(rng.uniform(1e-3, 1e-2, 48))
-    tile = LinearTile("t", 2, 11, n0, n1, weight_base=40, int8=True)
+    event_scale = np.float16(0.0123)
+    tile = LinearTile("t", 2, 11, n0, n1, weight_base=40, int8=True, event_scale=int(event_scale.view(np.uint16)))
     x = rng.integers(-127, 128, (4, 12)).astype(np.int8)
     x[np.abs(x) < 60] = 0
-    out, counts, events, captured = run_tile(tile, q[2:11, n0:n1], x[:, 2:11], registers, scale=scale[n0:n1])
+    out, counts, events, captured = run_tile(tile, q[2:11, n0:n1], x[:, 2:11], registers, scale=scale[n0:n1],
+                                             event_scale=np.float32(event_scale))
     total = collections.Counter()
     for t in range(len(x)):
         step = [Event.int8(c, x[t, c]) for c in range(tile.k0, tile.k1) if x[t, c] != 0]
@@ -196,7 +198,8 @@ def test_integer_tile_handler_equals_vectorised_exactly(registers, n0, n1):
         got = np.zeros(n1 - n0, F16)
         for e in core.sent[0][1]:
             got[e.channel - n0] = e.value
-        want = (x[t, 2:11].astype(np.int32) @ q[2:11, n0:n1].astype(np.int32)).astype(np.float32) * scale[n0:n1]
+        want = (x[t, 2:11].astype(np.int32) @ q[2:11, n0:n1].astype(np.int32)).astype(np.float32) * scale[n0:n1] \
+            * np.float32(event_scale)
         np.testing.assert_array_equal(got, want.astype(F16))
         np.testing.assert_array_equal(out[t].astype(F16), got)
         assert core.counts["MAC8"] == core.counts["MLD"] - 2 * tile.groups == len(step) * tile.groups

@@ -106,11 +106,14 @@ def simulate(out_dir: Path, source, compare: bool = True) -> dict:
     sites = list(sparse.sites.values())
     thresholds = [(n.inputs[0].name, n.outputs[0].name, n.inputs[1].const_value.numpy()) for n in sparse.nodes
                   if ops.is_threshold(n)]
+    quantizers = [(n.inputs[0].name, n.outputs[0].name, n) for n in sparse.nodes
+                  if n.op_type == "QuantizeLinear" and n.name in sparse.live]
+    steps = thresholds + quantizers     # (input, output, t or node): the step functions
     runs = {"sparse": [], "dense": []}
     sim_seconds, ort_seconds, ort_macs, tokens = 0.0, 0.0, 0, 0
     own, pinned = Agreement(), Agreement()
     inputs = [v.name for v in model.graph.inputs]
-    extra = sorted({s.consumes for s in sites} | {y for _, y, _ in thresholds})
+    extra = sorted({s.consumes for s in sites} | {y for _, y, _ in steps})
     with contextlib.ExitStack() as stack:
         if compare:  # checked against the graph as written (ORT's fusions change the numerics); timed at its best
             session = stack.enter_context(ort_session(model, extra, optimize=False))
@@ -130,12 +133,14 @@ def simulate(out_dir: Path, source, compare: bool = True) -> dict:
                 acts = dict(zip(names, got))
                 ort_macs += sum(int(np.count_nonzero(acts[s.consumes])) * s.out_features for s in sites)
                 own.add(result.outputs[names[0]], got[0])
-                # the same step with every threshold keeping what ORT kept: isolates the arithmetic
-                keep = tuple(x for x, _, _ in thresholds)
-                same = sparse.run(feed, keep=keep, decisions={y: acts[y] for _, y, _ in thresholds})
+                # the same step with every threshold and quantizer deciding as ORT did: isolates the arithmetic
+                same = sparse.run(feed, keep=tuple(x for x, _, _ in steps), decisions={y: acts[y] for _, y, _ in steps})
                 pinned.add(same.outputs[names[0]], got[0])
                 for x, y, t in thresholds:
                     pinned.add_decisions(same.outputs[x], acts[y], t)
+                for x, y, node in quantizers:
+                    pinned.add_quantized(same.outputs[x], acts[y], *[sparse.constants.get(v.name) if v is not None else None
+                                                                     for v in node.inputs[1:3]])
             tokens += result.tokens
     report = {"schema": "sparsecc.simulation/1", "target": target.name, "tokens": tokens, "windows": len(runs["sparse"]),
               "sparse": _summary(runs["sparse"], target), "dense": _summary(runs["dense"], target)}
@@ -157,15 +162,17 @@ def simulate(out_dir: Path, source, compare: bool = True) -> dict:
 class Agreement:
     """Simulator logits against ORT's, accumulated over windows.
 
-    A Threshold is a step: a value within rounding of t goes one way in one run and the other
-    way in another, and the difference grows downstream (ORT disagrees with itself this way
-    when its graph optimizations reorder float32 sums). So the check also runs with ORT's
-    decisions, and counts the simulator's own decisions that differ from them with the largest
-    distance |x| - t among those, relative to t: small means every difference is a near tie."""
+    A Threshold is a step, and so is a QuantizeLinear: a value within rounding of a step goes
+    one way in one run and the other way in another, and the difference grows downstream (ORT
+    disagrees with itself this way when its graph optimizations reorder float32 sums). So the
+    check also runs with ORT's decisions, and counts the simulator's own decisions that differ
+    from them: for thresholds with the largest distance |x| - t among those, relative to t
+    (small: every difference is a near tie), for quantizers the largest difference in steps."""
 
     def __init__(self):
-        self.tokens = self.agree = self.decisions = self.differing = 0
+        self.tokens = self.agree = self.decisions = self.differing = self.quantized = self.requantized = 0
         self.err = self.scale = self.mismatch_gap = self.tie_margin = 0.0
+        self.max_steps = 0
 
     def add(self, sim: np.ndarray, ref: np.ndarray) -> None:
         hit = sim.argmax(-1) == ref.argmax(-1)
@@ -185,12 +192,25 @@ class Agreement:
         if differ.any() and t > 0:
             self.tie_margin = max(self.tie_margin, float(np.abs(np.abs(x_sim[differ]) - t).max() / t))
 
+    def add_quantized(self, x_sim: np.ndarray, q_ref: np.ndarray, scale, zero=None) -> None:
+        """`x_sim`: a QuantizeLinear's input in the simulator; `q_ref`: its output in ORT."""
+        info = np.iinfo(q_ref.dtype)
+        zero = 0 if zero is None else zero.astype(np.int64)
+        own = np.clip(np.rint(x_sim / scale) + zero, info.min, info.max).astype(np.int64)
+        steps = np.abs(own - q_ref.astype(np.int64))
+        self.quantized += steps.size
+        self.requantized += int(np.count_nonzero(steps))
+        self.max_steps = max(self.max_steps, int(steps.max(initial=0)))
+
     def summary(self) -> dict:
         out = {"argmax_agreement": self.agree / max(1, self.tokens), "max_abs_logit_diff": self.err,
                "max_abs_logit": self.scale, "largest_top2_gap_at_mismatch": self.mismatch_gap}
         if self.decisions:
             out |= {"threshold_decisions": self.decisions, "decisions_differing": self.differing,
                     "largest_relative_margin_at_difference": self.tie_margin}
+        if self.quantized:
+            out |= {"quantized_values": self.quantized, "quantized_differing": self.requantized,
+                    "largest_step_difference": self.max_steps}
         return out
 
 

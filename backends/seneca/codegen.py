@@ -14,8 +14,10 @@ words each) and then replays the buffer once per block of groups that fits the r
 An integer tile (int8 weights, int8 events) packs two weights per 16-bit word: a group is 16
 neurons, lane j of the NPE array holds neurons j (low byte) and j + 8 (high byte), and one
 MAC8 adds both products to two 32-bit integer accumulators. At the end of the step each
-accumulator becomes a float (I2FW) and is multiplied by its neuron's 16-bit scale (activation
-scale x weight scale, stored after the rows) before it is captured.
+accumulator becomes a float (I2FW) and is multiplied by its neuron's 16-bit weight scale
+(stored after the rows), then by the activation scale (held in r2 for the step) before it is
+captured. Two multiplies, because the product of the scales (~1e-6) would be a subnormal
+16-bit float with few significant bits.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class LinearTile:
     weight_base: int      # word address of row k0
     route: int = 0
     int8: bool = False    # int8 weights and events (MAC8), else 16-bit floats
+    event_scale: int = 0  # integer tile: the activation scale's 16-bit float word
 
     @property
     def group_size(self) -> int:
@@ -73,7 +76,9 @@ def linear_handler(tile: LinearTile, registers: int = 64) -> str:
              f"{tile.groups} groups in {len(blocks)} register block{'s' if len(blocks) > 1 else ''}",
              f"    LI    x{X_BASE}, {tile.weight_base}",
              f"    LI    x{X_STRIDE}, {tile.row_words}",
-             f"    LI    x{X_FIRST}, {-tile.k0}"] + ([f"    LI    x{X_SCALE}, {tile.scale_base}"] if tile.int8 else [])
+             f"    LI    x{X_FIRST}, {-tile.k0}"]
+    if tile.int8:
+        lines += [f"    LI    x{X_SCALE}, {tile.scale_base}", f"    LI    x{X_OUT}, {tile.event_scale}", f"    VSET  r2, x{X_OUT}"]
     mac = "MAC8" if tile.int8 else "MAC"
 
     def clear(groups):
@@ -94,7 +99,8 @@ def linear_handler(tile: LinearTile, registers: int = 64) -> str:
             for lane in range(per_group):   # integer tile: to float, times the neurons' scales
                 acc = f"r{ACC_FIRST + per_group * i + lane}"
                 if tile.int8:
-                    out += [f"    I2FW  {acc}, {acc}", f"    MLD   r1, [x{X_SCALE}+{16 * g + 8 * lane}]", f"    MUL   {acc}, {acc}, r1"]
+                    out += [f"    I2FW  {acc}, {acc}", f"    MLD   r1, [x{X_SCALE}+{16 * g + 8 * lane}]",
+                            f"    MUL   {acc}, {acc}, r1", f"    MUL   {acc}, {acc}, r2"]
                 out += [f"    EVC   {acc}, x{X_OUT}", f"    ADDI  x{X_OUT}, x{X_OUT}, 8"]
         return out
 

@@ -91,7 +91,8 @@ class Simulator:
         self.graph = model.graph
         self.nodes = list(model.graph)
         self.by_name = {node.name: node for node in self.nodes}
-        self.output_names = {o.name for o in self.graph.outputs}
+        self.outputs = list(self.graph.outputs)   # as compiled (a session may add outputs to the graph for a while)
+        self.output_names = {o.name for o in self.outputs}
         self.registers = target["core"]["register_words"]
         analysis = analyze(model.graph)
         self.sites = {site.node: site for site in analysis.sites}
@@ -106,11 +107,11 @@ class Simulator:
             self.weight_base[tile] = used[tile.core]
             used[tile.core] += shape.buffer_base + shape.buffer_words
         self.weights: dict[str, np.ndarray] = {}
-        self.scales: dict[str, np.ndarray] = {}   # integer sites: per neuron, activation x weight scale (16 bit)
+        self.scales: dict[str, np.ndarray] = {}   # integer sites: the weight scale per neuron (16 bit)
         for name, node in self.site_nodes.items():
             if name in self.int8:
                 self.weights[name] = self.int8[name].weight
-                self.scales[name] = self.round(self.int8[name].weight_scale * F32(self.int8[name].event_scale))
+                self.scales[name] = self.round(self.int8[name].weight_scale)
                 continue
             w = weight_array(node.inputs[1]).astype(F32)
             if node.op_type == "Gemm" and node.attributes.get("transB") is not None and node.attributes["transB"].value:
@@ -212,10 +213,11 @@ class Simulator:
             decisions: dict[str, np.ndarray] | None = None) -> StepResult:
         """One window's token steps; `keep` names intermediate values to return beside the outputs.
 
-        `decisions` (validation only) maps a Threshold's output name to a reference's output
-        for it: the threshold then keeps exactly the channels the reference kept, so a value
-        within rounding of t cannot send the two runs down different paths. Costs still come
-        from the handler's own program."""
+        `decisions` (validation only) maps the outputs of step functions to a reference's
+        values for them: a Threshold then keeps exactly the channels the reference kept, a
+        QuantizeLinear yields the reference's integers, so a value within rounding of a step
+        cannot send the two runs down different paths. Costs still come from the handler's own
+        program."""
         first = np.asarray(feeds[self.graph.inputs[0].name])
         # token ids [.., T], or embeddings [.., T, width]
         tokens = int(first.size if np.issubdtype(first.dtype, np.integer) else first.size // first.shape[-1])
@@ -244,7 +246,9 @@ class Simulator:
                 else:
                     outputs = self._reference(node, live_inputs)
                     if decisions is not None and node.outputs[0].name in decisions:
-                        outputs = [np.where(decisions[node.outputs[0].name] != 0, live_inputs[0], 0).astype(outputs[0].dtype)]
+                        ref = decisions[node.outputs[0].name]
+                        outputs = [(ref if node.op_type == "QuantizeLinear" else np.where(ref != 0, live_inputs[0], 0))
+                                   .astype(outputs[0].dtype)]
                     work[node.name] = [self._dense_work(node, kind, live_inputs, outputs, tokens)]
                 selects = (node.op_type in _MOVES or kind == "Threshold") and not any(
                     v is not None and v.name in self.fused for v in node.inputs)
@@ -267,7 +271,11 @@ class Simulator:
         return list(runner.run(*inputs))
 
     def _shape(self, tile: Tile, weight_base: int) -> LinearTile:
-        return LinearTile(tile.owner, *tile.k, *tile.n, weight_base, int8=tile.owner in self.int8)
+        found = self.int8.get(tile.owner)
+        if found is None:
+            return LinearTile(tile.owner, *tile.k, *tile.n, weight_base)
+        word = int(np.array(found.event_scale, np.float16).view(np.uint16))   # the target's 16-bit value
+        return LinearTile(tile.owner, *tile.k, *tile.n, weight_base, int8=True, event_scale=word)
 
     def _tiled(self, node: ir.Node, inputs: list, tokens: int, env: dict):
         w = self.weights[node.name]
@@ -289,8 +297,9 @@ class Simulator:
             (k0, k1), (n0, n1) = tile.k, tile.n
             shape = self._shape(tile, 0)
             if x2 is not None:
-                partial, counts, events, captured = run_tile(shape, w[k0:k1, n0:n1], x2[:, k0:k1], self.registers, self.round,
-                                                             None if scale is None else scale[n0:n1])
+                partial, counts, events, captured = run_tile(
+                    shape, w[k0:k1, n0:n1], x2[:, k0:k1], self.registers, self.round,
+                    *((scale[n0:n1], self.round(np.float32(self.int8[node.name].event_scale))) if scale is not None else ()))
             else:
                 hit = (ids >= k0) & (ids < k1)
                 events = hit.astype(np.int64)
@@ -404,7 +413,7 @@ class Simulator:
             layer = layer_of(node)
             # arrival of inputs: producer finish + NoC hops (+ one cycle per flit on the link)
             ready = zero
-            for v in node.inputs:
+            for v in self._arrivals(node):
                 if v is None or v.name not in self.live_values or v.producer() is None:
                     continue
                 src = v.producer().name
@@ -452,10 +461,16 @@ class Simulator:
                         charge(core, layer_of(reader), prog.counts, 0)
                         total_counts.update(prog.counts)
                         per_core[core]["cycles"] += cost.cycles(prog.counts, self.target)
-        outputs = {name: env[name] for name in [o.name for o in self.graph.outputs] + list(keep)}
-        latency = np.max(np.stack([finish.get(o.producer().name, zero) for o in self.graph.outputs]), axis=0)
+        outputs = {name: env[name] for name in [o.name for o in self.outputs] + list(keep)}
+        latency = np.max(np.stack([finish.get(o.producer().name, zero) for o in self.outputs]), axis=0)
         return StepResult(outputs, energy, per_core, per_layer, latency, sent, received, flits, flit_hops,
                           lane_ops, dense_macs, tokens, total_counts)
+
+    def _arrivals(self, node: ir.Node) -> list[ir.Value | None]:
+        """The values whose arrival a node's handler waits for: an integer site's are its events."""
+        if node.name in self.int8 and self.int8[node.name].dequantize.name in self.folded:
+            return [self.int8[node.name].events]
+        return list(node.inputs)
 
     def _sources(self, node: ir.Node, value: np.ndarray) -> list[tuple[int, int]]:
         """(core, non-zero values it sends) for a node's output: per n-range tile for tiled nodes."""
