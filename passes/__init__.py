@@ -8,13 +8,14 @@ from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Pass
 from sparsecc.passes.calibrate_thresholds import CalibrateThresholds
 from sparsecc.passes.discover_sites import DiscoverSites
+from sparsecc.passes.fold_qdq import FoldQdq
 from sparsecc.passes.insert_thresholds import InsertThresholds
 from sparsecc.passes.quantize_activations import QuantizeActivations
 from sparsecc.passes.quantize_weights import QuantizeWeights
 from sparsecc.passes.partition import Partition
 
-BUILTIN: dict[str, type[Pass]] = {p.name: p for p in (DiscoverSites, InsertThresholds, CalibrateThresholds, QuantizeWeights,
-                                              QuantizeActivations, Partition)}
+BUILTIN: dict[str, type[Pass]] = {p.name: p for p in (DiscoverSites, FoldQdq, InsertThresholds, CalibrateThresholds,
+                                              QuantizeWeights, QuantizeActivations, Partition)}
 
 
 def registry() -> dict[str, type[Pass]]:

@@ -10,7 +10,7 @@ import onnx_ir as ir
 from sparsecc import ops
 from sparsecc.config import option
 from sparsecc.pass_manager import Context, Pass
-from sparsecc.sites import Site, activation_dtype, analyze
+from sparsecc.sites import Site, activation_dtype, analyze, quantizer_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,15 +45,18 @@ class InsertThresholds(Pass):
             name = f"sparsecc_threshold_{counter}"
             taken.add(name)
             first = nodes[members[0].index]
-            x = first.inputs[0]
+            # a quantized activation is thresholded before its quantizer: one decision, no event
+            readers = [quantizer_of(nodes[s.index].inputs[0]) or nodes[s.index] for s in members]
+            x = readers[0].inputs[0]
             dtype = activation_dtype(first) or ir.DataType.FLOAT
             t = ir.Value(name=f"{name}.t", shape=ir.Shape([]), type=ir.TensorType(dtype),
                          const_value=ir.tensor(np.array(0, dtype=dtype.numpy())))
             graph.register_initializer(t)
             node = ops.make_threshold(x, t, name)
-            graph.insert_before(first, node)
-            for site in members:
-                nodes[site.index].replace_input_with(0, node.outputs[0])
+            order = {id(n): i for i, n in enumerate(graph)}
+            graph.insert_before(min(readers, key=lambda n: order[id(n)]), node)
+            for reader in {id(r): r for r in readers}.values():
+                reader.replace_input_with(0, node.outputs[0])
         skipped = {
             "natural": [s.node for s in sites if s.natural],
             "head": [s.node for s in sites if s.head and not self.config.include_head],

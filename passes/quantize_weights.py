@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sparsecc.config import option
-from sparsecc.model_io import add_initializer
+from sparsecc.model_io import add_initializer, remove_unused
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass
 from sparsecc.quant import dequantize, quantize
@@ -62,7 +62,7 @@ class QuantizeWeights(Pass):
             before += w.size * 4
             after += q.size * c.bits // 8 + scale.size * 4
             done += 1
-        _remove_unused(graph)
+        remove_unused(graph)
         return {"changed": done > 0, "sites": done, "bits": c.bits, "group": c.group,
                 "weight_bytes_float32": before, "weight_bytes_quantized": after, "max_abs_error": worst}
 
@@ -86,12 +86,3 @@ class QuantizeWeights(Pass):
         out = nodes[-1].outputs[0]
         out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape([k, n])
         return out
-
-
-def _remove_unused(graph: ir.Graph) -> None:
-    """Drop the float weights (and their paths) that nothing reads any more."""
-    for node in reversed(list(graph)):
-        if not any(out.uses() or out.is_graph_output() for out in node.outputs):
-            graph.remove(node, safe=True)
-    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
-        del graph.initializers[name]

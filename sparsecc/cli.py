@@ -125,8 +125,11 @@ def _compile(args) -> dict:
             cls = registry.get(name)
             own = {f.name: flag_values[f.name] for f in cfg.fields(cls.Config) if f.name in flag_values}
             options[name] = cfg.build(cls.Config, own, name)  # validates early, with the flag's name
+        # no calibration data and no sparsity asked for: compile the model as it is (no thresholds)
+        thresholds = args.data is not None or args.sparsity is not None
         passes = pipelines.default_pipeline(**{**cfg.to_dict(options["insert-thresholds"]),
-                                               **cfg.to_dict(options["calibrate-thresholds"])}, quant=args.quant)
+                                               **cfg.to_dict(options["calibrate-thresholds"])}, quant=args.quant,
+                                            thresholds=thresholds)
         data = {}
     data = {k: v for k, v in data.items() if v is not None}
     for key in pipelines.DATA_KEYS:  # flags override the pipeline file's data

@@ -57,6 +57,8 @@ def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration
     present = {p.name for p in passes}
     passes = list(passes) + [registry.get(name)() for name in backend.requires if name not in present]
     model = model_io.load_model(model_path)
+    if "fold-qdq" not in present and any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph):
+        passes.insert(0, registry.get("fold-qdq")())   # an already-quantized (QDQ) model: its form first
     ctx = Context(calibration=calibration, cache_dir=cache_dir)
     manager = PassManager(passes, dump_after=dump_after,
                           dump_dir=Path(out).with_name(Path(out).name + ".dumps") if out else None)

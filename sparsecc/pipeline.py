@@ -39,19 +39,23 @@ EVENTS8 = {"w8a8"}
 
 
 def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_consumer: bool = False,
-                     include_head: bool = False, refine: int = 1, quant: str | None = None) -> list[Pass]:
+                     include_head: bool = False, refine: int = 1, quant: str | None = None,
+                     thresholds: bool = True) -> list[Pass]:
     """The standard sparsification pipeline; with `quant` ("w8", "w4", "w8a8"), weights are
-    quantized first, so thresholds are calibrated on the quantized model; "w8a8" then
-    quantizes the sites' inputs to int8 (raising thresholds to the quantizer's zero band)."""
+    quantized first, so thresholds are calibrated on the quantized model; "w8a8" then quantizes the sites' inputs to int8
+    (raising thresholds to the quantizer's zero band). `thresholds=False`: no thresholds (a
+    model compiled as it is, e.g. a QDQ model for the seneca backend)."""
     from sparsecc import passes
 
     if quant is not None and quant not in QUANT:
         raise SparseccError(f"unknown weight quantization {quant!r}; choose one of {', '.join(QUANT)}")
+    if quant in EVENTS8 and not thresholds:
+        raise SparseccError(f"--quant {quant} calibrates int8 events: pass --calib (text + --tokenizer, or an .npz)")
     return [
         passes.get("discover-sites")(),
         *([passes.get("quantize-weights")(**QUANT[quant])] if quant else []),
-        passes.get("insert-thresholds")(per_consumer=per_consumer, include_head=include_head),
-        passes.get("calibrate-thresholds")(sparsity=sparsity, mode=mode, refine=refine),
+        *([passes.get("insert-thresholds")(per_consumer=per_consumer, include_head=include_head),
+           passes.get("calibrate-thresholds")(sparsity=sparsity, mode=mode, refine=refine)] if thresholds else []),
         *([passes.get("quantize-activations")()] if quant in EVENTS8 else []),
     ]
 

@@ -9,7 +9,9 @@ layout and dequantization ops. Found by graph structure alone, never by node nam
 - a *head* (LM head, classifier) is a site whose output reaches a graph output through ops
   whose other inputs are all constant; it stays dense unless asked;
 - a tensor that is already sparse by construction (ReLU, ReLU squared) is *natural*: it
-  needs no threshold, and its measured sparsity counts toward the model-wide figure.
+  needs no threshold, and its measured sparsity counts toward the model-wide figure;
+- an activation quantized on its way (DequantizeLinear(QuantizeLinear(x)), as in QDQ models)
+  is seen through: its threshold sits on x, before the quantizer.
 """
 from __future__ import annotations
 
@@ -218,9 +220,11 @@ def analyze(graph: ir.Graph) -> Analysis:
     sites, group_of = [], {}
     for index, (node, k, n) in enumerate(candidates):
         consumes = node.inputs[0]
-        producer = consumes.producer()
+        quantizer = quantizer_of(consumes)
+        before = quantizer.inputs[0] if quantizer is not None else consumes   # the float activation
+        producer = before.producer()
         thresholded = producer is not None and ops.is_threshold(producer)
-        source = producer.inputs[0] if thresholded else consumes
+        source = producer.inputs[0] if thresholded else before
         group = group_of.setdefault(source.name, len(group_of))
         sites.append(Site(
             index=index, node=node.name or f"{node.op_type}#{index}", op=node.op_type,
@@ -229,6 +233,28 @@ def analyze(graph: ir.Graph) -> Analysis:
             natural=natural_sparsity(source), threshold=producer.name if thresholded else None,
             group=group))
     return Analysis(sites, attention, declined, [node for node, _, _ in candidates])
+
+
+def integer_type(value: ir.Value) -> ir.DataType | None:
+    """The element type of a quantized tensor: as declared, else as its QuantizeLinear makes
+    it (its zero point's type; uint8 without one)."""
+    if value.dtype is not None:
+        return value.dtype
+    node = value.producer()
+    if node is None or node.op_type != "QuantizeLinear" or node.domain != "":
+        return None
+    zero = node.inputs[2] if len(node.inputs) > 2 else None
+    return ir.DataType.UINT8 if zero is None else (zero.dtype or (zero.const_value.dtype if zero.const_value is not None else None))
+
+
+def quantizer_of(value: ir.Value) -> ir.Node | None:
+    """The QuantizeLinear of an activation quantized and dequantized on its way to a site
+    (`value` = DequantizeLinear(QuantizeLinear(x))), else None."""
+    dq = value.producer()
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain != "":
+        return None
+    q = dq.inputs[0].producer()
+    return q if q is not None and q.op_type == "QuantizeLinear" and q.domain == "" else None
 
 
 def weight_array(value: ir.Value) -> np.ndarray:
@@ -311,7 +337,7 @@ def _symmetric_int8_dequantize(value: ir.Value):
     node = value.producer()
     if node is None or node.op_type != "DequantizeLinear" or node.domain != "":
         return None
-    if node.inputs[0].dtype != ir.DataType.INT8:
+    if integer_type(node.inputs[0]) != ir.DataType.INT8:
         return None
     scale = _const_array(node.inputs[1])
     if scale is None:

@@ -268,3 +268,13 @@ def _isolated_env(tmp_path, monkeypatch):
     # Any temporary folder sparsecc made for ONNX Runtime must be gone after each test.
     leftovers = sorted(os.listdir(systmp))
     assert not leftovers, f"temporary files left behind: {leftovers}"
+
+
+def float32_target(tmp_path):
+    """The seneca target with 32-bit values: the simulator must then equal ORT to float32 rounding."""
+    from sparsecc.target import builtin, load_target
+
+    text = builtin()["seneca"].read_text().replace('value_format = { value = "float16"', 'value_format = { value = "float32"')
+    path = tmp_path / "seneca32.toml"
+    path.write_text(text)
+    return load_target(path)

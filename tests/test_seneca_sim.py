@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import sparsecc
-from conftest import gpt2_model, llama_model, save
+from conftest import float32_target, gpt2_model, llama_model, save
 from sparsecc import cli, model_io, ops
 from sparsecc import passes as registry
 from sparsecc.backends.seneca import dense
@@ -21,14 +21,6 @@ from sparsecc.pipeline import default_pipeline
 from sparsecc.runtime import ort_session
 from sparsecc.sites import analyze
 from sparsecc.target import builtin, load_target
-
-
-def float32_target(tmp_path):
-    """The seneca target with 32-bit values: the simulator must then equal ORT to float32 rounding."""
-    text = builtin()["seneca"].read_text().replace('value_format = { value = "float16"', 'value_format = { value = "float32"')
-    path = tmp_path / "seneca32.toml"
-    path.write_text(text)
-    return load_target(path)
 
 
 def small_cores(tmp_path, data_memory=4096):

@@ -144,6 +144,11 @@ class Simulator:
         kept = [n for n in proto.graph.node if n.name not in self.folded]
         del proto.graph.node[:]
         proto.graph.node.extend(kept)
+        if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node):
+            # onnx's reference runtime implements Q/DQ from opset 19 on (int8/uint8 behave as in 13)
+            for entry in proto.opset_import:
+                if entry.domain in ("", "ai.onnx") and entry.version < 19:
+                    entry.version = 19
         self.evaluator = ReferenceEvaluator(proto)
         self.constants = {name: v.const_value.numpy() for name, v in model.graph.initializers.items()
                           if v.const_value is not None}
