@@ -106,7 +106,7 @@ def simulation_summary(report: dict, speed: dict | None = None) -> str:
                      f"vs {v['ort_effective_macs']} from ORT activations ({v['mac_difference']:+.4%})")
         p = v["with_ort_decisions"]
         lines.append(f"vs ort with ORT's decisions (thresholds, quantizers): argmax agreement {_pct(p['argmax_agreement'])}, max |logit diff| "
-                     f"{p['max_abs_logit_diff']:.4g}; own decisions differing {p['decisions_differing']} of "
+                     f"{p['max_abs_logit_diff']:.4g}, MAC lane-ops vs ORT activations {p['mac_difference']:+.4%}; own decisions differing {p['decisions_differing']} of "
                      f"{p['threshold_decisions']}, all within {p['largest_relative_margin_at_difference']:.2%} of t"
                      + (f"; own int8 values differing {p['quantized_differing']} of {p['quantized_values']}, by at most "
                         f"{p['largest_step_difference']} step(s)" if "quantized_values" in p else ""))

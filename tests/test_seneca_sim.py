@@ -210,6 +210,7 @@ def test_simulate_cli_report(tmp_path, capsys):
     assert report["ratio"]["energy"] > 1.0 and report["vs_ort"]["argmax_agreement"] > 0.5
     pinned = report["vs_ort"]["with_ort_decisions"]
     assert pinned["threshold_decisions"] > 0 and pinned["argmax_agreement"] >= report["vs_ort"]["argmax_agreement"]
+    assert pinned["simulator_mac_lane_ops"] == report["vs_ort"]["ort_effective_macs"]   # ORT's zeros: ORT's MACs
     assert set(report["sparse"]["energy_share"]) == {"npe", "memory", "controller", "noc"}
     first = (out / "simulation" / "report.json").read_bytes()
     assert cli.main(["simulate", str(out), "--text", str(feeds), "-q"]) == 0
