@@ -1,11 +1,12 @@
 """SmolLM2-135M sparse and quantized on the seneca target: perplexity (ort backend) and energy,
 latency and cores (seneca simulator) for dense 16-bit, sparse 16-bit, sparse + int8 weights
-and sparse + int8 weights and events, in one table.
+and sparse + int8 weights and int8 events (mixed, and all), in one table.
 
     python samples/smollm2/build.py                                   # once
     python benchmarks/seneca_quantized.py --targets 0.5 0.6 --eval-windows 64 --tokens 256
 
-For each sparsity target and each quantization (none, --quant w8, --quant w8a8):
+For each sparsity target and each quantization (none, --quant w8, --quant w8a8 with its
+default mixed precision, and w8a8 with every event int8):
 `sparsecc compile --target seneca` (32 x 256-token calibration windows of valid.txt), then
 perplexity on evenly spread 256-token windows of test.txt with ONNX Runtime, then the
 simulator on one window of test.txt (sparse, and the dense baseline of the same compile).
@@ -21,13 +22,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "wikitext-2"
-QUANTS = (None, "w8", "w8a8")
+# (label, --quant, quantize-activations max_error): w8a8 keeps 16-bit events where int8 would
+# lose more than 0.1% of a tensor's power (the default); "all int8" quantizes every one
+QUANTS = (("16-bit", None, None), ("w8", "w8", None), ("w8a8", "w8a8", None), ("w8a8 all int8", "w8a8", 1.0))
 
 
 def main(argv=None) -> None:
     import sparsecc
     from sparsecc.backends.seneca.backend import simulate
     from sparsecc.calibration import default_cache_dir
+    from sparsecc.passes import get
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", type=Path, default=REPO / "build" / "smollm2-135m")
@@ -46,28 +50,30 @@ def main(argv=None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for target in args.targets:
-            for quant in QUANTS:
+            for label, quant, max_error in QUANTS:
                 start = time.perf_counter()
-                out = Path(tmp) / f"s{target}-{quant}"
-                result = sparsecc.compile_model(model, sparsecc.default_pipeline(sparsity=target, quant=quant), calib,
-                                                out=out, target="seneca", cache_dir=default_cache_dir())
+                out = Path(tmp) / f"s{target}-{label.replace(' ', '-')}"
+                passes = sparsecc.default_pipeline(sparsity=target, quant=quant)
+                if max_error is not None:
+                    passes[-1] = get("quantize-activations")(max_error=max_error)
+                result = sparsecc.compile_model(model, passes, calib, out=out, target="seneca", cache_dir=default_cache_dir())
                 cores = next(p for p in result.report["passes"] if p["pass"] == "partition")["details"]["cores_used"]
                 ppl = sparsecc.evaluate(out / "model.onnx", test)["result"]["perplexity"]
                 report = simulate(out, window, compare=False)
-                rows.append((target, quant or "16-bit", cores, ppl, report))
-                print(f"{target:.0%} {quant or '16-bit'}: {time.perf_counter() - start:.0f} s", flush=True)
+                rows.append((target, label, cores, ppl, report))
+                print(f"{target:.0%} {label}: {time.perf_counter() - start:.0f} s", flush=True)
     dense16 = next(r for r in rows if r[1] == "16-bit")[4]["dense"]
     e0, l0 = dense16["energy_pj_per_token"]["total"], dense16["latency_cycles_per_token"]
     print(f"\nSmolLM2-135M; perplexity on {len(test)} x 256 tokens of test.txt (float, no thresholds: "
           f"{float_ppl:.3f}); energy and latency per token on {args.tokens} simulated tokens")
-    print(f"{'model':<22} {'cores':>5} {'ppl':>8} {'vs float':>8} {'uJ/token':>9} {'vs dense 16-bit':>15} "
+    print(f"{'model':<26} {'cores':>5} {'ppl':>8} {'vs float':>8} {'uJ/token':>9} {'vs dense 16-bit':>15} "
           f"{'latency ms':>10} {'vs dense 16-bit':>15}")
-    print(f"{'dense 16-bit':<22} {next(r[2] for r in rows if r[1] == '16-bit'):>5} {float_ppl:>8.3f} {'':>8} "
+    print(f"{'dense 16-bit':<26} {next(r[2] for r in rows if r[1] == '16-bit'):>5} {float_ppl:>8.3f} {'':>8} "
           f"{e0 / 1e6:>9.1f} {'1.00x':>15} {dense16['latency_s_per_token'] * 1e3:>10.2f} {'1.00x':>15}")
     for target, quant, cores, ppl, r in rows:
         s = r["sparse"]
         e, lat = s["energy_pj_per_token"]["total"], s["latency_cycles_per_token"]
-        print(f"{f'{target:.0%} sparse, {quant}':<22} {cores:>5} {ppl:>8.3f} {ppl / float_ppl - 1:>+8.1%} {e / 1e6:>9.1f} "
+        print(f"{f'{target:.0%} sparse, {quant}':<26} {cores:>5} {ppl:>8.3f} {ppl / float_ppl - 1:>+8.1%} {e / 1e6:>9.1f} "
               f"{e0 / e:>14.2f}x {s['latency_s_per_token'] * 1e3:>10.2f} {l0 / lat:>14.2f}x")
     print("(same-sparsity perplexity deltas, int8 vs 16-bit: "
           + ", ".join(f"{t:.0%} {q} {p / next(x[3] for x in rows if x[0] == t and x[1] == '16-bit') - 1:+.2%}"

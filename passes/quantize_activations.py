@@ -6,7 +6,9 @@ The scale clips at the value C that minimises the expected squared error over th
 (values above C clip to C, values at or below it round to multiples of s = C / 127). The
 threshold and the quantizer's zero band are one decision: a value with |x| <= s / 2 rounds
 to zero, so a site's Threshold is raised to max(t, s / 2) and the Threshold alone decides
-which channels send an event; the report gives the sparsity this adds. With int8 weights
+which channels send an event; the report gives the sparsity this adds. A tensor whose
+expected int8 error is above `max_error` of its power (outlier channels, as in the inputs of
+some MLP down projections) keeps 16-bit events: mixed precision, chosen per tensor. With int8 weights
 (quantize-weights, bits 8) the seneca backend runs such sites on its packed INT8 lanes.
 ONNX Runtime runs the pairs as written, so accuracy stays measurable.
 """
@@ -34,33 +36,39 @@ class QuantizeActivationsConfig:
     bits: int = option(8, "bits per event value: 8 (16-bit events need no pass: they are the target's float16)")
     clip: Literal["mse", "max"] = option("mse", "mse: the clip value with the least squared error; max: the largest |x| seen")
     include_head: bool = option(True, "quantize the head's input too")
+    max_error: float = option(0.001, "a tensor whose int8 error would exceed this share of its power "
+                                     "(error / sum x^2, from the histogram) keeps 16-bit events; 1: every tensor int8")
 
     def __post_init__(self):
+        if not self.max_error > 0:
+            raise SparseccError(f"max_error must be positive (got {self.max_error}); e.g. 0.01")
         if self.bits != 8:
             raise SparseccError(f"activations quantize to 8 bits (got {self.bits}); 16-bit events are the "
                                 "target's float16 values and need no pass")
 
 
-def clip_value(hist: AbsHistogram, method: str = "mse") -> float:
-    """The |x| at which to clip, from a histogram of |x| (bin centres stand for their values)."""
+def _squared_error(centres: np.ndarray, counts: np.ndarray, clip: float) -> float:
+    """Expected total squared error of int8 quantization clipped at `clip`."""
+    s = clip / QMAX
+    err = np.where(centres <= clip, np.where(centres <= s / 2, centres ** 2, s * s / 12), (centres - clip) ** 2)
+    return float(np.dot(counts, err))
+
+
+def clip_value(hist: AbsHistogram, method: str = "mse") -> tuple[float, float]:
+    """(the |x| at which to clip, the relative squared error it leaves: error / sum x^2),
+    from a histogram of |x| (bin centres stand for their values)."""
     counts = hist.counts[1:].astype(np.float64)         # bin 0: exact zeros, no error
     if counts.sum() == 0:
-        return 0.0
+        return 0.0, 0.0
     centres = (EDGES[1:-1] + EDGES[2:]) / 2
     used = np.flatnonzero(counts)
     counts, centres = counts[used], centres[used]
     if method == "max":
-        return float(EDGES[used[-1] + 2])              # upper edge of the highest bin in use
-    candidates = np.unique(np.concatenate([centres[-200:], np.geomspace(centres[0], centres[-1], 200)]))
-    best, best_error = float(centres[-1]), np.inf
-    for c in candidates:
-        s = c / QMAX
-        inside = centres <= c
-        err = np.where(inside, np.where(centres <= s / 2, centres ** 2, s * s / 12), (centres - c) ** 2)
-        total = float(np.dot(counts, err))
-        if total < best_error:
-            best, best_error = float(c), total
-    return best
+        best = float(EDGES[used[-1] + 2])              # upper edge of the highest bin in use
+    else:
+        candidates = np.unique(np.concatenate([centres[-200:], np.geomspace(centres[0], centres[-1], 200)]))
+        best = float(min(candidates, key=lambda c: _squared_error(centres, counts, c)))
+    return best, _squared_error(centres, counts, best) / float(np.dot(counts, centres ** 2))
 
 
 class QuantizeActivations(Pass):
@@ -86,7 +94,11 @@ class QuantizeActivations(Pass):
         rows = []
         for tensor, sites in groups.items():
             value = sites[0].inputs[0]
-            clip = clip_value(hists[tensor], self.config.clip)
+            clip, error = clip_value(hists[tensor], self.config.clip)
+            if error > self.config.max_error:   # outliers int8 cannot carry: this tensor stays 16-bit
+                rows.append({"tensor": tensor, "sites": [n.name for n in sites], "relative_error": round(error, 6),
+                             "kept_16_bit": True})
+                continue
             scale = np.float32(clip / QMAX) if clip > 0 else np.float32(1.0)
             threshold = value.producer() if value.producer() is not None and ops.is_threshold(value.producer()) else None
             raised = None
@@ -100,10 +112,13 @@ class QuantizeActivations(Pass):
                 node.replace_input_with(0, dequantized)
             hist = hists[tensor]
             rows.append({"tensor": tensor, "sites": [n.name for n in sites], "clip": clip, "scale": float(scale),
+                         "relative_error": round(error, 6),
                          "threshold_raised_to": None if raised is None else float(raised),
                          "zero_band_sparsity": round(hist.sparsity_at(float(scale) / 2), 6)})
-        return {"changed": True, "tensors": len(rows), "bits": self.config.bits,
-                "thresholds_raised": sum(r["threshold_raised_to"] is not None for r in rows), "activations": rows}
+        quantized = [r for r in rows if not r.get("kept_16_bit")]
+        return {"changed": bool(quantized), "tensors": len(quantized), "kept_16_bit": len(rows) - len(quantized),
+                "bits": self.config.bits, "thresholds_raised": sum(r["threshold_raised_to"] is not None for r in quantized),
+                "activations": rows}
 
 
 def _quantized(value: ir.Value) -> bool:

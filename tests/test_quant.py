@@ -108,9 +108,11 @@ def test_mse_clip_beats_max_clip(kind, seed):
         s = clip / QMAX
         return float(np.mean((np.clip(np.rint(x / s), -QMAX, QMAX) * s - x) ** 2))
 
-    mse, peak = clip_value(hist, "mse"), clip_value(hist, "max")
+    (mse, mse_error), (peak, peak_error) = clip_value(hist, "mse"), clip_value(hist, "max")
     assert 0 < mse <= peak and peak >= np.abs(x).max()
     assert error(mse) <= error(peak) * 1.02
+    assert 0 < mse_error <= peak_error     # relative to the data's power
+    assert mse_error == pytest.approx(error(mse) / np.mean(x.astype(np.float64) ** 2), rel=0.25)
 
 
 def quantized_llama(tmp_path, sparsity=0.5):
