@@ -17,8 +17,8 @@ model gets the whole placement as JSON in `metadata_props["sparsecc.placement"]`
    byte-hops of the traffic graph.
 
 Memory model (16-bit words unless the weights are packed INT8): weights K x N x weight_bits,
-8 bits for a site with int8 weights and int8 activations (`sites.int8_operands`, which the
-seneca backend runs on its INT8 lanes) plus a 16-bit scale per output neuron;
+8 bits for a site with symmetric int8 weights (`sites.int8_weight`, which the seneca backend
+keeps packed two per word) plus a 16-bit scale per output neuron;
 2 bytes of accumulator per output neuron of a tile, twice that when split by k (the partial
 sums of the previous token are still being sent); constants read by a node (norm weights,
 rotary tables, shape constants) once per core that reads them, 2 bytes per element; an
@@ -40,7 +40,7 @@ from sparsecc.config import option
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, require
 from sparsecc.placement import CATEGORIES, METADATA_KEY, Mesh, Placement, Tile
-from sparsecc.sites import analyze, const_root, int8_operands
+from sparsecc.sites import analyze, const_root, int8_weight
 from sparsecc.target import Target, builtin, load_target
 
 WORD = 2          # bytes of a 16-bit activation, accumulator or constant
@@ -59,7 +59,7 @@ BUDGET = 1_000_000
 class PartitionConfig:
     target: str = option("seneca", "hardware target: a built-in name (`sparsecc list targets`) or a target TOML file")
     weight_bits: int = option(16, "bits per stored weight of float sites: 16, or 8 to size them as packed INT8 "
-                                  "(integer sites, int8 weights and activations, always take 8)")
+                                  "(sites with int8 weights always take 8)")
     max_context: int = option(256, "positions of attention state (K/V) kept resident per attention product")
     headroom: float = option(0.9, "fraction of each core's data memory the model may use; the rest is for "
                                   "event queues and the stack")
@@ -130,7 +130,7 @@ class Partition(Pass):
 @dataclasses.dataclass
 class _Tiled:
     sites: dict[str, tuple[int, int, bool]] = dataclasses.field(default_factory=dict)  # -> (K, N, Gemm bias?)
-    int8: set[str] = dataclasses.field(default_factory=set)  # sites with int8 weights and activations
+    int8: set[str] = dataclasses.field(default_factory=set)  # sites with int8 weights (packed two per word)
     tables: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # table Gather -> (rows, width)
     tied: dict[str, str] = dataclasses.field(default_factory=dict)  # Gather sharing a site's weight -> the site
     followers: dict[str, str] = dataclasses.field(default_factory=dict)  # weight-path node -> the node it feeds
@@ -170,7 +170,7 @@ def _find_tiled(graph: ir.Graph) -> _Tiled:
     for site, node in zip(analysis.sites, analysis.nodes):
         bias = node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None
         found.sites[node.name] = (site.in_features, site.out_features, bias)
-        if int8_operands(node) is not None:
+        if int8_weight(node) is not None:
             found.int8.add(node.name)
         found.widths[node.name] = site.out_features
         by_weight.setdefault(site.weight, (node.name, site.in_features, site.out_features))

@@ -303,16 +303,31 @@ class Int8Operands:
     dequantize: ir.Node         # that DequantizeLinear
 
 
-def int8_operands(node: ir.Node) -> Int8Operands | None:
-    """The integer form of a MatMul/Gemm site, or None when either operand is not symmetric int8."""
+def int8_weight(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """(int8 weight [K, N], float32 scale per output neuron [N]) when a MatMul/Gemm site's
+    weight is a symmetric int8 constant dequantized per output neuron or per tensor, else None."""
     transposed = node.op_type == "Gemm" and node.attributes.get("transB") is not None and node.attributes["transB"].value
     if node.op_type == "Gemm" and any(node.attributes.get(a) is not None and node.attributes[a].value != d
                                       for a, d in (("alpha", 1.0), ("beta", 1.0), ("transA", 0))):
         return None
     wq = _symmetric_int8_dequantize(node.inputs[1])
+    if wq is None or wq[0].const_value is None:
+        return None
+    weight, scale = wq[0].const_value.numpy(), wq[1].astype(np.float32)
+    if weight.ndim != 2 or (scale.size > 1 and wq[2] % 2 != (0 if transposed else 1)):  # one scale per output neuron
+        return None
+    weight = weight.T if transposed else weight
+    if scale.size not in (1, weight.shape[1]):
+        return None
+    return weight, np.broadcast_to(scale.reshape(-1), (weight.shape[1],)).astype(np.float32)
+
+
+def int8_operands(node: ir.Node) -> Int8Operands | None:
+    """The integer form of a MatMul/Gemm site, or None when either operand is not symmetric int8."""
+    weight = int8_weight(node)
     dq = node.inputs[0].producer()
     xq = _symmetric_int8_dequantize(node.inputs[0])
-    if wq is None or xq is None or wq[0].const_value is None or xq[1].size != 1:
+    if weight is None or xq is None or xq[1].size != 1:
         return None
     quantize = xq[0].producer()
     if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.domain != "":
@@ -322,14 +337,7 @@ def int8_operands(node: ir.Node) -> Int8Operands | None:
     if (q_scale is None or q_scale.size != 1 or float(q_scale.reshape(())) != float(xq[1].reshape(()))
             or q_zero is None or np.any(q_zero != 0)):
         return None
-    weight, scale = wq[0].const_value.numpy(), wq[1].astype(np.float32)
-    if weight.ndim != 2 or (scale.size > 1 and wq[2] % 2 != (0 if transposed else 1)):  # one scale per output neuron
-        return None
-    weight = weight.T if transposed else weight
-    if scale.size not in (1, weight.shape[1]):
-        return None
-    return Int8Operands(weight, np.broadcast_to(scale.reshape(-1), (weight.shape[1],)).astype(np.float32),
-                        xq[0], float(xq[1].reshape(())), dq)
+    return Int8Operands(*weight, xq[0], float(xq[1].reshape(())), dq)
 
 
 def _symmetric_int8_dequantize(value: ir.Value):

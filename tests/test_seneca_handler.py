@@ -205,3 +205,32 @@ def test_integer_tile_handler_equals_vectorised_exactly(registers, n0, n1):
         assert core.counts["MAC8"] == core.counts["MLD"] - 2 * tile.groups == len(step) * tile.groups
         total += core.counts
     assert counts == total and captured == int(np.count_nonzero(out))
+
+
+@pytest.mark.parametrize("registers", [64, 12])
+def test_int8_weights_with_float_events_match_the_interpreter(registers):
+    """int8 weights, 16-bit events: the handler unpacks each byte to a float x 256 and MACs it;
+    the vectorised tile is within one 16-bit step, with the same counts (1 MLD per 16 neurons)."""
+    rng = np.random.default_rng(3)
+    q = rng.integers(-127, 128, (12, 40)).astype(np.int8)
+    scale = round16(rng.uniform(1e-3, 1e-2, 40))
+    quarter = np.float16(1 / 256)
+    tile = LinearTile("t", 1, 12, 3, 37, weight_base=16, int8=True, float_events=True,
+                      event_scale=int(quarter.view(np.uint16)))
+    x = rng.standard_normal((4, 12)).astype(F16)
+    x[np.abs(x) < 0.6] = 0
+    out, counts, events, captured = run_tile(tile, q[1:12, 3:37], x[:, 1:12], registers, scale=scale[3:37],
+                                             event_scale=np.float32(quarter))
+    total = collections.Counter()
+    for t in range(len(x)):
+        step = [Event(c, x[t, c]) for c in range(tile.k0, tile.k1) if x[t, c] != 0]
+        core = simulate(tile, q, step, registers, scale)
+        got = np.zeros(tile.n1 - tile.n0, F16)
+        for e in core.sent[0][1]:
+            got[e.channel - tile.n0] = e.value
+        want = (x[t, 1:12].astype(np.float32) @ q[1:12, 3:37].astype(np.float32)) * scale[3:37]
+        np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=1e-6)
+        np.testing.assert_array_max_ulp(out[t].astype(F16), got, maxulp=1)
+        assert core.counts["MLD"] == len(step) * tile.groups + 2 * tile.groups and core.counts["MAC8"] == 0
+        total += core.counts
+    assert counts == total and captured == int(np.count_nonzero(out))

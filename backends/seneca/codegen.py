@@ -18,6 +18,10 @@ accumulator becomes a float (I2FW) and is multiplied by its neuron's 16-bit weig
 (stored after the rows), then by the activation scale (held in r2 for the step) before it is
 captured. Two multiplies, because the product of the scales (~1e-6) would be a subnormal
 16-bit float with few significant bits.
+
+With int8 weights and 16-bit float events (`float_events`) the packed weights still halve the
+memory and the loads; each byte is moved to the high half of a 16-bit integer (SHL 8 or AND
+0xFF00), converted (I2F, so x 256) and MACed in float; r2 then holds 1/256.
 """
 from __future__ import annotations
 
@@ -36,8 +40,9 @@ class LinearTile:
     n1: int
     weight_base: int      # word address of row k0
     route: int = 0
-    int8: bool = False    # int8 weights and events (MAC8), else 16-bit floats
-    event_scale: int = 0  # integer tile: the activation scale's 16-bit float word
+    int8: bool = False    # int8 weights, packed two per word (else 16-bit floats)
+    float_events: bool = False   # with int8 weights: 16-bit float events, weights unpacked to floats (else MAC8)
+    event_scale: int = 0  # int8 weights: the 16-bit float word of the second factor at capture
 
     @property
     def group_size(self) -> int:
@@ -79,7 +84,8 @@ def linear_handler(tile: LinearTile, registers: int = 64) -> str:
              f"    LI    x{X_FIRST}, {-tile.k0}"]
     if tile.int8:
         lines += [f"    LI    x{X_SCALE}, {tile.scale_base}", f"    LI    x{X_OUT}, {tile.event_scale}", f"    VSET  r2, x{X_OUT}"]
-    mac = "MAC8" if tile.int8 else "MAC"
+    if tile.float_events:   # r5: the high-byte mask
+        lines += [f"    LI    x{X_OUT}, {0xFF00}", f"    VSET  r5, x{X_OUT}"]
 
     def clear(groups):
         return [f"    SUB   r{ACC_FIRST + i}, r{ACC_FIRST + i}, r{ACC_FIRST + i}" for i in range(per_group * len(groups))]
@@ -90,7 +96,13 @@ def linear_handler(tile: LinearTile, registers: int = 64) -> str:
                f"    ADDX  x{X_ROW}, x{X_ROW}, x{X_BASE}",
                f"    VSET  r0, x{X_VAL}"]
         for i, g in enumerate(groups):
-            out += [f"    MLD   r1, [x{X_ROW}+{8 * g}]", f"    {mac:<5} r{ACC_FIRST + per_group * i}, r1, r0"]
+            acc = ACC_FIRST + per_group * i
+            out.append(f"    MLD   r1, [x{X_ROW}+{8 * g}]")
+            if tile.float_events:   # each int8 to a float x 256 (its byte in the high half of an int16)
+                out += ["    SHL   r3, r1, 8", "    I2F   r3, r3", f"    MAC   r{acc}, r3, r0",
+                        "    AND   r4, r1, r5", "    I2F   r4, r4", f"    MAC   r{acc + 1}, r4, r0"]
+            else:
+                out.append(f"    {'MAC8' if tile.int8 else 'MAC':<5} r{acc}, r1, r0")
         return out
 
     def capture(groups):
@@ -99,8 +111,8 @@ def linear_handler(tile: LinearTile, registers: int = 64) -> str:
             for lane in range(per_group):   # integer tile: to float, times the neurons' scales
                 acc = f"r{ACC_FIRST + per_group * i + lane}"
                 if tile.int8:
-                    out += [f"    I2FW  {acc}, {acc}", f"    MLD   r1, [x{X_SCALE}+{16 * g + 8 * lane}]",
-                            f"    MUL   {acc}, {acc}, r1", f"    MUL   {acc}, {acc}, r2"]
+                    out += ([] if tile.float_events else [f"    I2FW  {acc}, {acc}"]) + [
+                        f"    MLD   r1, [x{X_SCALE}+{16 * g + 8 * lane}]", f"    MUL   {acc}, {acc}, r1", f"    MUL   {acc}, {acc}, r2"]
                 out += [f"    EVC   {acc}, x{X_OUT}", f"    ADDI  x{X_OUT}, x{X_OUT}, 8"]
         return out
 

@@ -6,7 +6,9 @@ product does all tokens at once: the products are exact in float32 and only the 
 the additions differs from the handler's channel order, so outputs agree with the
 interpreter to within one 16-bit rounding step (tested).
 
-An integer tile accumulates int8 x int8 products exactly in 32-bit integers, so one exact
+A tile with int8 weights and float events unpacks them to floats x 256 (codegen) and scales
+by the weight scale and 1/256 at capture, within one 16-bit step of the handler like a float
+tile. An integer tile accumulates int8 x int8 products exactly in 32-bit integers, so one exact
 matrix product (float64 holds every such sum exactly) equals the handler bit for bit:
 float32(sum) x the neuron's 16-bit weight scale x the 16-bit activation scale, rounded to 16
 bit at capture.
@@ -69,12 +71,16 @@ def window_counts(tile: LinearTile, events: np.ndarray, registers: int = 64) -> 
 def run_tile(tile: LinearTile, weights: np.ndarray, x: np.ndarray, registers: int = 64, round=round16,
              scale: np.ndarray | None = None, event_scale: float = 1.0):
     """Run the tile's handler for every token of `x` ([T, k1 - k0] activations, 16-bit values,
-    or int8 for an integer tile, whose int8 `weights` come with per-neuron `scale`s and the
-    activations' `event_scale`, both in the value format);
+    or int8 for an integer tile; int8 `weights` come with per-neuron `scale`s and the second
+    factor `event_scale` (the activation scale, or 1/256 with float events), in the value format);
     zeros send no event). Returns the outputs [T, n1 - n0] (float32 holding `round`ed values),
     the executed instruction counts, the events received per token and the events captured
     (non-zero outputs)."""
-    if tile.int8:
+    if tile.float_events:   # int8 weights x 256 as floats, 16-bit events
+        x = np.asarray(x, np.float32)
+        acc = x @ (np.asarray(weights, np.float32) * np.float32(256))
+        out = round(acc * np.asarray(scale, np.float32) * np.float32(event_scale))
+    elif tile.int8:
         acc = np.asarray(x, np.float64) @ np.asarray(weights, np.float64)   # exact integers (|sum| < 2^31 for k < 2^17)
         out = round(acc.astype(np.float32) * np.asarray(scale, np.float32) * np.float32(event_scale))
     else:

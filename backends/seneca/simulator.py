@@ -6,7 +6,8 @@ Per step, every node runs as the handler of the core(s) the placement gives it:
   (`linear.run_tile`), counted per token from the handler's own program; a site with int8
   weights and int8 activations (`sites.int8_operands`) runs on the packed INT8 lanes, its
   events the QuantizeLinear's integers (the site's activation DequantizeLinear is folded
-  into its scales);
+  into its scales); int8 weights with 16-bit events (`sites.int8_weight`) stay packed in
+  memory and are unpacked to floats per event;
 - any other op as a dense handler on its core (`dense`), with values from the ONNX reference
   implementation of the op on 16-bit inputs, rounded to 16 bit unless fused into a register;
 - shape arithmetic that does not depend on the tokens' values is folded at compile time
@@ -37,7 +38,7 @@ from sparsecc.backends.seneca.codegen import LinearTile, linear_handler
 from sparsecc.backends.seneca.linear import VALUE_FORMATS, run_tile, step_counts, window_counts
 from sparsecc.errors import SparseccError
 from sparsecc.placement import Placement, Tile
-from sparsecc.sites import analyze, const_root, int8_operands, weight_array
+from sparsecc.sites import analyze, const_root, int8_operands, int8_weight, weight_array
 from sparsecc.target import Target
 
 F32 = np.float32
@@ -98,6 +99,9 @@ class Simulator:
         self.sites = {site.node: site for site in analysis.sites}
         self.site_nodes = {node.name: node for node in analysis.nodes}
         self.int8 = {name: found for name, node in self.site_nodes.items() if (found := int8_operands(node))}
+        # int8 weights with 16-bit float events: (weight, scale)
+        self.w8 = {name: found for name, node in self.site_nodes.items()
+                   if name not in self.int8 and (found := int8_weight(node))}
         self.tiles: dict[str, list[Tile]] = collections.defaultdict(list)
         self.weight_base: dict[Tile, int] = {}    # word address of each tile's weights on its core
         used: dict[int, int] = collections.Counter()
@@ -109,9 +113,10 @@ class Simulator:
         self.weights: dict[str, np.ndarray] = {}
         self.scales: dict[str, np.ndarray] = {}   # integer sites: the weight scale per neuron (16 bit)
         for name, node in self.site_nodes.items():
-            if name in self.int8:
-                self.weights[name] = self.int8[name].weight
-                self.scales[name] = self.round(self.int8[name].weight_scale)
+            if name in self.int8 or name in self.w8:
+                weight, scale = ((self.int8[name].weight, self.int8[name].weight_scale) if name in self.int8
+                                 else self.w8[name])
+                self.weights[name], self.scales[name] = weight, self.round(scale)
                 continue
             w = weight_array(node.inputs[1]).astype(F32)
             if node.op_type == "Gemm" and node.attributes.get("transB") is not None and node.attributes["transB"].value:
@@ -276,11 +281,15 @@ class Simulator:
         return list(runner.run(*inputs))
 
     def _shape(self, tile: Tile, weight_base: int) -> LinearTile:
-        found = self.int8.get(tile.owner)
-        if found is None:
+        if tile.owner not in self.int8 and tile.owner not in self.w8:
             return LinearTile(tile.owner, *tile.k, *tile.n, weight_base)
-        word = int(np.array(found.event_scale, np.float16).view(np.uint16))   # the target's 16-bit value
-        return LinearTile(tile.owner, *tile.k, *tile.n, weight_base, int8=True, event_scale=word)
+        float_events = tile.owner in self.w8
+        word = int(np.array(self._event_scale(tile.owner), np.float16).view(np.uint16))   # the target's 16-bit value
+        return LinearTile(tile.owner, *tile.k, *tile.n, weight_base, int8=True, float_events=float_events, event_scale=word)
+
+    def _event_scale(self, name: str) -> float:
+        """The second factor an int8-weight tile multiplies by at capture."""
+        return self.int8[name].event_scale if name in self.int8 else 1 / 256
 
     def _tiled(self, node: ir.Node, inputs: list, tokens: int, env: dict):
         w = self.weights[node.name]
@@ -304,7 +313,7 @@ class Simulator:
             if x2 is not None:
                 partial, counts, events, captured = run_tile(
                     shape, w[k0:k1, n0:n1], x2[:, k0:k1], self.registers, self.round,
-                    *((scale[n0:n1], self.round(np.float32(self.int8[node.name].event_scale))) if scale is not None else ()))
+                    *((scale[n0:n1], self.round(np.float32(self._event_scale(node.name)))) if scale is not None else ()))
             else:
                 hit = (ids >= k0) & (ids < k1)
                 events = hit.astype(np.int64)
