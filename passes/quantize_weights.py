@@ -5,7 +5,9 @@ initializer, so ONNX Runtime still runs the model and accuracy stays measurable:
 - per output channel: DequantizeLinear(q [K, N] int8, scale [N], axis=1);
 - with `group`: Cast(q [K/g, g, N]) * scale [K/g, 1, N], reshaped to [K, N] (DequantizeLinear
   takes blocks only from opset 21).
-4-bit values live in int8 initializers. Site discovery sees through both forms.
+4-bit values live in int8 initializers. Site discovery sees through both forms. A table that
+holds a site's weight transposed (an embedding tied to the LM head) looks its rows up in the
+same dequantized integers, so the weight is still stored once.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from sparsecc.model_io import add_initializer, remove_unused
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass
 from sparsecc.quant import dequantize, quantize
-from sparsecc.sites import analyze, weight_array
+from sparsecc.sites import analyze, const_root, weight_array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +45,7 @@ class QuantizeWeights(Pass):
     def run(self, model: ir.Model, ctx: Context) -> dict:
         c, graph = self.config, model.graph
         analysis = analyze(graph)
-        done, before, after, worst = 0, 0, 0, 0.0
+        done, before, after, worst, tied = 0, 0, 0, 0.0, 0
         for site, node in zip(analysis.sites, analysis.nodes):
             if site.head and not c.include_head:
                 continue
@@ -52,7 +54,18 @@ class QuantizeWeights(Pass):
             w = w.T if transposed else w
             q, scale = quantize(w, c.bits, c.group)
             worst = max(worst, float(np.abs(dequantize(q, scale) - w).max()))
-            value = self._dequantized(graph, node, q, scale, f"{site.weight}.q{c.bits}.{done}")
+            # a table that holds this weight transposed (a tied embedding) reads the same integers
+            tables = [g for g in graph if _looks_up(g, const_root(node.inputs[1]), (w.shape[1], w.shape[0]))]
+            order = {id(n): i for i, n in enumerate(graph)}
+            first = min([node, *tables], key=lambda n: order[id(n)])
+            value = self._dequantized(graph, first, q, scale, f"{site.weight}.q{c.bits}.{done}")
+            for table in tables:
+                rows = ir.node("Transpose", [value], attributes={"perm": [1, 0]}, name=f"{value.name}.rows.{table.name}")
+                rows.outputs[0].name = f"{value.name}.rows.{table.name}"
+                rows.outputs[0].dtype, rows.outputs[0].shape = value.dtype, ir.Shape([w.shape[1], w.shape[0]])
+                graph.insert_before(table, rows)
+                table.replace_input_with(0, rows.outputs[0])
+                tied += 1
             if transposed:
                 flip = ir.node("Transpose", [value], attributes={"perm": [1, 0]}, name=f"{value.name}.T")
                 flip.outputs[0].name = f"{value.name}.T"
@@ -63,10 +76,10 @@ class QuantizeWeights(Pass):
             after += q.size * c.bits // 8 + scale.size * 4
             done += 1
         remove_unused(graph)
-        return {"changed": done > 0, "sites": done, "bits": c.bits, "group": c.group,
+        return {"changed": done > 0, "sites": done, "bits": c.bits, "group": c.group, "tied_tables": tied,
                 "weight_bytes_float32": before, "weight_bytes_quantized": after, "max_abs_error": worst}
 
-    def _dequantized(self, graph: ir.Graph, node: ir.Node, q: np.ndarray, scale: np.ndarray, name: str) -> ir.Value:
+    def _dequantized(self, graph: ir.Graph, before: ir.Node, q: np.ndarray, scale: np.ndarray, name: str) -> ir.Value:
         k, n = q.shape
         if scale.shape[0] == 1:
             q_value = add_initializer(graph, f"{name}.weight", q)
@@ -82,7 +95,15 @@ class QuantizeWeights(Pass):
             nodes = [cast, mul, ir.node("Reshape", [mul.outputs[0], shape], name=name)]
         for i, made in enumerate(nodes):
             made.outputs[0].name = f"{name}.out{i}"
-        graph.insert_before(node, nodes)
+        graph.insert_before(before, nodes)
         out = nodes[-1].outputs[0]
         out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape([k, n])
         return out
+
+
+def _looks_up(node: ir.Node, root: ir.Value | None, shape: tuple[int, int]) -> bool:
+    """Is `node` a row look-up (Gather, axis 0) in a `shape` table computed from constant `root`?"""
+    if node.op_type != "Gather" or node.domain != "" or root is None or const_root(node.inputs[0]) is not root:
+        return False
+    axis = node.attributes.get("axis")
+    return (axis is None or axis.value == 0) and tuple(weight_array(node.inputs[0]).shape) == shape

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import bert_model, gpt2_model, llama_model, to_ir
+from conftest import SAMPLE_MODEL, bert_model, gpt2_model, llama_model, to_ir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -167,3 +167,22 @@ def test_w8a8_stays_close_to_float(tmp_path):
     for feed in feeds:
         ref, out = run(float_model, feed), run(model, feed)
         assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()
+
+
+def test_tied_embedding_reads_the_quantized_head_weight():
+    """The bundled sample's LM head is its token table transposed: after quantize-weights both
+    read the same int8 initializer, so the partition still holds the table once."""
+    from sparsecc.sites import const_root
+
+    model = model_io.load_model(SAMPLE_MODEL)
+    feeds = {"input_ids": np.array([[1, 50, 7, 300, 9]], np.int64)}
+    reference = run(model, feeds)
+    report, = PassManager([get("quantize-weights")()]).run(model, Context())
+    assert report.details["tied_tables"] == 1
+    analysis = analyze(model.graph)
+    head = next(n for s, n in zip(analysis.sites, analysis.nodes) if s.head)
+    table = next(n for n in model.graph if n.op_type == "Gather" and const_root(n.inputs[0]) is const_root(head.inputs[1]))
+    assert const_root(table.inputs[0]).const_value.dtype == onnx.TensorProto.INT8
+    assert np.abs(run(model, feeds) - reference).max() <= 0.05 * np.abs(reference).max()
+    partition, = PassManager([get("partition")(max_context=8)]).run(model, Context())
+    assert len(partition.details["tied_weights"]) == 1
