@@ -6,6 +6,7 @@ from importlib.metadata import entry_points
 
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Pass
+from sparsecc.passes.allocate_sparsity import AllocateSparsity
 from sparsecc.passes.calibrate_thresholds import CalibrateThresholds
 from sparsecc.passes.discover_sites import DiscoverSites
 from sparsecc.passes.fold_qdq import FoldQdq
@@ -14,7 +15,7 @@ from sparsecc.passes.quantize_activations import QuantizeActivations
 from sparsecc.passes.quantize_weights import QuantizeWeights
 from sparsecc.passes.partition import Partition
 
-BUILTIN: dict[str, type[Pass]] = {p.name: p for p in (DiscoverSites, FoldQdq, InsertThresholds, CalibrateThresholds,
+BUILTIN: dict[str, type[Pass]] = {p.name: p for p in (DiscoverSites, FoldQdq, InsertThresholds, CalibrateThresholds, AllocateSparsity,
                                               QuantizeWeights, QuantizeActivations, Partition)}
 
 
