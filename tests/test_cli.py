@@ -111,7 +111,7 @@ def test_console_script_eval(compiled, tmp_path):
 def test_list_passes_and_backends(capsys):
     assert cli.main(["list", "passes"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["calibrate-thresholds", "discover-sites", "fold-qdq", "insert-thresholds", "partition",
+    assert [line.split()[0] for line in lines] == ["allocate-sparsity", "calibrate-thresholds", "discover-sites", "fold-qdq", "insert-thresholds", "partition",
                                                    "quantize-activations", "quantize-weights"]
     assert cli.main(["list", "passes", "-v"]) == 0
     text = capsys.readouterr().out
@@ -123,7 +123,7 @@ def test_list_passes_and_backends(capsys):
     assert set(json.loads(capsys.readouterr().out)) == {"ort", "seneca"}
     assert cli.main(["--json", "list", "passes"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert sorted(rows) == ["calibrate-thresholds", "discover-sites", "fold-qdq", "insert-thresholds", "partition",
+    assert sorted(rows) == ["allocate-sparsity", "calibrate-thresholds", "discover-sites", "fold-qdq", "insert-thresholds", "partition",
                                                    "quantize-activations", "quantize-weights"]
     assert "mac-weighted" in json.dumps(rows["calibrate-thresholds"]) and "per_consumer" in json.dumps(rows["insert-thresholds"])
 

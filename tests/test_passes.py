@@ -45,7 +45,7 @@ def test_bad_option_values():
 
 
 def test_unknown_pass_name():
-    with pytest.raises(SparseccError, match="unknown pass 'insert-threshold'; known passes: calibrate-thresholds"):
+    with pytest.raises(SparseccError, match="unknown pass 'insert-threshold'; known passes: allocate-sparsity, calibrate-thresholds"):
         passes.get("insert-threshold")
 
 
