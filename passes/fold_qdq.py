@@ -6,11 +6,10 @@ model. A site's weight may arrive as DequantizeLinear(int8 constant) (kept: that
 folded form) or as DequantizeLinear(QuantizeLinear(float constant)), where the constant may
 reach the quantizer through layout ops (a Transpose): the quantizer is evaluated here, once,
 into an int8 initializer. Until then the weight does not count as constant and the MatMul
-is not a site. Activation pairs stay where they are:
-ONNX Runtime runs them, and the seneca backend runs a site whose weights and activations
-are both symmetric int8 on its INT8 lanes. The report says, per site, whether it is such
-an integer site and, if not, why (asymmetric zero points, 16-bit types, ...), so nothing is
-silently run in float.
+is not a site. Activation pairs stay where they are: ONNX Runtime runs them, and the seneca
+backend runs a site whose weights and activations are both symmetric int8 on its INT8
+lanes. The report says, per site, whether it is such an integer site and, if not, why
+(asymmetric zero points, 16-bit types, ...), so nothing is silently run in float.
 """
 from __future__ import annotations
 
