@@ -32,7 +32,7 @@ from sparsecc import ops
 from sparsecc.calibration import AbsHistogram, collect
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
-from sparsecc.pass_manager import Context, Pass, require
+from sparsecc.pass_manager import Context, Pass, require, require_calibration
 from sparsecc.progress import log
 from sparsecc.runtime import load_session, saved_copy
 from sparsecc.sites import analyze
@@ -78,8 +78,7 @@ class AllocateSparsity(Pass):
     Config = AllocateSparsityConfig
 
     def check(self, model, ctx):
-        require(ctx.calibration is not None, "allocate-sparsity needs calibration data: pass --calib "
-                "(text + --tokenizer, or an .npz of feeds)")
+        require_calibration(ctx, self.name)
         require(any(ops.is_threshold(n) for n in model.graph),
                 "allocate-sparsity found no Threshold ops: run insert-thresholds before it")
 

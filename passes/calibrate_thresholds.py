@@ -11,7 +11,7 @@ from sparsecc import ops
 from sparsecc.calibration import AbsHistogram, collect
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
-from sparsecc.pass_manager import Context, Pass, require
+from sparsecc.pass_manager import Context, Pass, require, require_calibration
 from sparsecc.sites import Site, analyze
 
 
@@ -53,8 +53,7 @@ class CalibrateThresholds(Pass):
     Config = CalibrateThresholdsConfig
 
     def check(self, model, ctx):
-        require(ctx.calibration is not None, "calibrate-thresholds needs calibration data: "
-                "pass --calib (text + --tokenizer, or an .npz of feeds)")
+        require_calibration(ctx, self.name)
         require(any(ops.is_threshold(n) for n in model.graph),
                 "calibrate-thresholds found no Threshold ops: run insert-thresholds before it")
 

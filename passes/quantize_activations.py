@@ -25,7 +25,7 @@ from sparsecc.calibration import EDGES, AbsHistogram, collect
 from sparsecc.config import option
 from sparsecc.model_io import add_initializer
 from sparsecc.errors import SparseccError
-from sparsecc.pass_manager import Context, Pass, require
+from sparsecc.pass_manager import Context, Pass, require_calibration
 from sparsecc.sites import analyze
 
 QMAX = 127
@@ -78,8 +78,7 @@ class QuantizeActivations(Pass):
     Config = QuantizeActivationsConfig
 
     def check(self, model, ctx):
-        require(ctx.calibration is not None, "quantize-activations needs calibration data: "
-                "pass --calib (text + --tokenizer, or an .npz of feeds)")
+        require_calibration(ctx, self.name)
 
     def run(self, model: ir.Model, ctx: Context) -> dict:
         graph = model.graph

@@ -131,3 +131,8 @@ def verify(model: ir.Model, after: str = "") -> None:
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise PreconditionError(message)
+
+
+def require_calibration(ctx: Context, pass_name: str) -> None:
+    require(ctx.calibration is not None, f"{pass_name} needs calibration data: pass --calib "
+                                         "(text + --tokenizer, or an .npz of feeds)")
