@@ -1,0 +1,151 @@
+"""Shared machinery of the threshold searches (allocate-sparsity, sequential-search): the
+thresholds grouped by site role, their loss measured in one ONNX Runtime session with every
+t as an input, and a checkpoint of a search's state in the calibration cache."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from sparsecc import ops
+from sparsecc.calibration import AbsHistogram
+from sparsecc.pass_manager import Context
+from sparsecc.progress import log
+from sparsecc.runtime import load_session, saved_copy
+from sparsecc.sites import analyze
+
+
+@dataclasses.dataclass
+class SearchThreshold:
+    node: ir.Node
+    macs: int
+    group: tuple          # what the search moves together
+    role: tuple           # ((in, out) of each site it feeds), sorted
+
+    @property
+    def source(self) -> str:
+        return self.node.inputs[0].name
+
+
+def thresholds_by_role(model: ir.Model, bands: int = 1) -> tuple[list[SearchThreshold], list]:
+    """The model's Thresholds in graph order, each grouped by (site role, depth band), and the
+    naturally sparse sites."""
+    sites = analyze(model.graph).sites
+    nodes = [n for n in model.graph if ops.is_threshold(n)]
+    fed = {n.name: [s for s in sites if s.threshold == n.name] for n in nodes}
+    roles = {n.name: tuple(sorted((s.in_features, s.out_features) for s in fed[n.name])) for n in nodes}
+    count = {r: sum(1 for n in nodes if roles[n.name] == r) for r in set(roles.values())}
+    seen: dict = {}
+    out = []
+    for n in nodes:   # graph order: depth
+        role = roles[n.name]
+        index = seen[role] = seen.get(role, -1) + 1
+        band = index * bands // count[role]
+        out.append(SearchThreshold(n, sum(s.macs_per_token for s in fed[n.name]), (role, band), role))
+    natural = [s for s in sites if s.natural and not s.head]
+    return out, natural
+
+
+def role_label(role: tuple) -> str:
+    """A role as the shapes of the sites a threshold feeds, e.g. 576x1536+576x1536."""
+    return "+".join(f"{k}x{n}" for k, n in role)
+
+
+def set_t(node: ir.Node, t: float) -> None:
+    dtype = node.inputs[1].dtype.numpy() if node.inputs[1].dtype is not None else np.float32
+    node.inputs[1].const_value = ir.tensor(np.array(t, dtype), name=node.inputs[1].name)
+
+
+def apply_levels(thresholds: list[SearchThreshold], hists: dict[str, AbsHistogram], levels: dict) -> None:
+    for th in thresholds:
+        set_t(th.node, hists[th.source].threshold_for(levels[th.group]))
+
+
+class LossProbe:
+    """The model in one ONNX Runtime session with every threshold's t as an input."""
+
+    def __init__(self, model: ir.Model, thresholds: list[SearchThreshold], hists: dict, ctx: Context, windows: int):
+        self.thresholds, self.hists, self.passes = thresholds, hists, 0
+        graph = model.graph
+        self.restore = []
+        for th in thresholds:   # t: initializer -> graph input, for the session's lifetime
+            t = th.node.inputs[1]
+            del graph.initializers[t.name]
+            graph.inputs.append(t)
+            self.restore.append(t)
+        try:
+            with saved_copy(model) as files:
+                self.session = load_session(files[0])
+        finally:
+            for t in self.restore:
+                graph.inputs.remove(t)
+                graph.register_initializer(t)
+        names = [i.name for i in self.session.get_inputs() if i.name not in {t.name for t in self.restore}]
+        self.feeds = []
+        for feed in ctx.calibration.feeds(names):
+            self.feeds.append(feed)
+            if len(self.feeds) == windows:
+                break
+        ids = self.feeds[0][names[0]]
+        self.kind = "cross-entropy" if np.issubdtype(ids.dtype, np.integer) and ids.ndim == 2 else "squared-error"
+        self.dense = None
+        if self.kind == "squared-error":
+            self.dense = [self._run(dict.fromkeys({th.group for th in thresholds}, 0.0), f) for f in self.feeds]
+
+    def _run(self, levels: dict, feed: dict) -> np.ndarray:
+        ts = {th.node.inputs[1].name: np.array(self.hists[th.source].threshold_for(levels[th.group]),
+                                               th.node.inputs[1].dtype.numpy()) for th in self.thresholds}
+        self.passes += 1
+        return self.session.run(None, feed | ts)[0]
+
+    def loss(self, levels: dict) -> float:
+        total = 0.0
+        for i, feed in enumerate(self.feeds):
+            out = self._run(levels, feed).astype(np.float64)
+            if self.kind == "cross-entropy":
+                ids = next(iter(feed.values()))
+                logits = out[:, :-1]
+                logits = logits - logits.max(axis=-1, keepdims=True)
+                logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+                total += float(-np.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean())
+            else:
+                total += float(np.mean((out - self.dense[i]) ** 2))
+        return total / len(self.feeds)
+
+    def close(self) -> None:
+        self.session = None
+
+
+class Checkpoint:
+    """The search state after each move, in the cache, under a key of the statistics and options."""
+
+    def __init__(self, prefix: str, cache_dir: Path | None, config, hists: dict, sources: list[str], label):
+        self.path, self.label, self.prefix = None, label, prefix
+        if cache_dir is not None:
+            digest = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+            for name in sources:
+                digest.update(name.encode())
+                digest.update(hists[name].counts.tobytes())
+            self.path = Path(cache_dir) / f"{prefix}-{digest.hexdigest()[:32]}.json"
+
+    def load(self, groups: list, start: float) -> tuple[dict, list]:
+        levels = dict.fromkeys(groups, start)
+        if self.path is None or not self.path.is_file():
+            return levels, []
+        saved = json.loads(self.path.read_text())
+        by_label = {self.label(g): g for g in groups}
+        log(f"{self.prefix}: resuming a search of {len(saved['history'])} moves from {self.path.name}")
+        return levels | {by_label[k]: v for k, v in saved["levels"].items()}, saved["history"]
+
+    def save(self, levels: dict, history: list) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"levels": {self.label(g): v for g, v in levels.items()}, "history": history}))
+        os.replace(tmp, tmp.with_name(self.path.name))
