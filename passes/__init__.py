@@ -13,10 +13,11 @@ from sparsecc.passes.fold_qdq import FoldQdq
 from sparsecc.passes.insert_thresholds import InsertThresholds
 from sparsecc.passes.quantize_activations import QuantizeActivations
 from sparsecc.passes.quantize_weights import QuantizeWeights
+from sparsecc.passes.sequential_search import SequentialSearch
 from sparsecc.passes.partition import Partition
 
 BUILTIN: dict[str, type[Pass]] = {p.name: p for p in (DiscoverSites, FoldQdq, InsertThresholds, CalibrateThresholds, AllocateSparsity,
-                                              QuantizeWeights, QuantizeActivations, Partition)}
+                                              QuantizeWeights, QuantizeActivations, SequentialSearch, Partition)}
 
 
 def registry() -> dict[str, type[Pass]]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from conftest import llama_model, to_ir
+from conftest import SAMPLE_MODEL, llama_model, to_ir
 
+from sparsecc import model_io
 from sparsecc.data import as_feed_source
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, PassManager
@@ -73,3 +74,41 @@ def test_resumes_from_its_checkpoint(tmp_path):
 def test_bad_options(options, message):
     with pytest.raises(SparseccError, match=message):
         get("allocate-sparsity")(**options)
+
+
+# sequential-search ------------------------------------------------------------------------------
+
+def searched(model, cache_dir=None, **options):
+    reports = PassManager([get("insert-thresholds")(), get("sequential-search")(**options)]).run(
+        model, Context(calibration=as_feed_source(feeds()), cache_dir=cache_dir))
+    return reports[-1].details
+
+
+@pytest.mark.parametrize("loss_inc", [1.0, 1.01, 1.05])
+def test_sequential_search_never_accepts_a_threshold_over_budget(loss_inc):
+    details = searched(to_ir(llama_model()), loss_inc=loss_inc, step=0.2)
+    base = details["loss"]["dense"]
+    for step in details["history"]:
+        assert step["budget"] == pytest.approx(loss_inc * base) and step["loss"] <= step["budget"]
+        base = step["loss"]                       # the allowance compounds from the accepted loss
+    assert details["loss"]["searched"] <= loss_inc ** len(details["history"]) * details["loss"]["dense"]
+
+
+def test_a_looser_budget_buys_more_sparsity():
+    tight = searched(to_ir(llama_model()), loss_inc=1.001, step=0.2)
+    loose = searched(to_ir(llama_model()), loss_inc=1.05, step=0.2)
+    assert loose["calibrated_model_sparsity"] > tight["calibrated_model_sparsity"]
+
+
+def test_sequential_search_resumes_and_warm_starts(tmp_path):
+    """On the bundled sample (several blocks, so each role recurs) the warm start needs fewer
+    trials than searching every threshold from the bottom."""
+    def sample():
+        return model_io.load_model(SAMPLE_MODEL)
+
+    cold = searched(sample(), loss_inc=1.01, step=0.1, warm_start=False)
+    first = searched(sample(), cache_dir=tmp_path, loss_inc=1.01, step=0.1)
+    again = searched(sample(), cache_dir=tmp_path, loss_inc=1.01, step=0.1)
+    assert again["search"]["resumed"] and again["history"] == first["history"]
+    assert again["search"]["forward_passes"] < first["search"]["forward_passes"]
+    assert sum(s["trials"] for s in first["history"]) < sum(s["trials"] for s in cold["history"])

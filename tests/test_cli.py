@@ -112,7 +112,7 @@ def test_list_passes_and_backends(capsys):
     assert cli.main(["list", "passes"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["allocate-sparsity", "calibrate-thresholds", "discover-sites", "fold-qdq", "insert-thresholds", "partition",
-                                                   "quantize-activations", "quantize-weights"]
+                                                   "quantize-activations", "quantize-weights", "sequential-search"]
     assert cli.main(["list", "passes", "-v"]) == 0
     text = capsys.readouterr().out
     assert "sparsity (float, default 0.5)" in text and "per_consumer (bool, default False)" in text
@@ -124,7 +124,7 @@ def test_list_passes_and_backends(capsys):
     assert cli.main(["--json", "list", "passes"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert sorted(rows) == ["allocate-sparsity", "calibrate-thresholds", "discover-sites", "fold-qdq", "insert-thresholds", "partition",
-                                                   "quantize-activations", "quantize-weights"]
+                                                   "quantize-activations", "quantize-weights", "sequential-search"]
     assert "mac-weighted" in json.dumps(rows["calibrate-thresholds"]) and "per_consumer" in json.dumps(rows["insert-thresholds"])
 
 
