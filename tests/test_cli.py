@@ -108,11 +108,14 @@ def test_console_script_eval(compiled, tmp_path):
     assert not list(tmp.glob("sparsecc*"))  # its temporary model copy is gone (other libraries may leave files)
 
 
+PASSES = ["allocate-sparsity", "calibrate-thresholds", "discover-sites", "fold-qdq", "insert-thresholds", "partition",
+          "quantize-activations", "quantize-weights", "sequential-search"]
+
+
 def test_list_passes_and_backends(capsys):
     assert cli.main(["list", "passes"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["allocate-sparsity", "calibrate-thresholds", "discover-sites", "fold-qdq", "insert-thresholds", "partition",
-                                                   "quantize-activations", "quantize-weights", "sequential-search"]
+    assert [line.split()[0] for line in lines] == PASSES
     assert cli.main(["list", "passes", "-v"]) == 0
     text = capsys.readouterr().out
     assert "sparsity (float, default 0.5)" in text and "per_consumer (bool, default False)" in text
@@ -123,8 +126,7 @@ def test_list_passes_and_backends(capsys):
     assert set(json.loads(capsys.readouterr().out)) == {"ort", "seneca"}
     assert cli.main(["--json", "list", "passes"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert sorted(rows) == ["allocate-sparsity", "calibrate-thresholds", "discover-sites", "fold-qdq", "insert-thresholds", "partition",
-                                                   "quantize-activations", "quantize-weights", "sequential-search"]
+    assert sorted(rows) == PASSES
     assert "mac-weighted" in json.dumps(rows["calibrate-thresholds"]) and "per_consumer" in json.dumps(rows["insert-thresholds"])
 
 
