@@ -110,7 +110,7 @@ def test_mse_clip_beats_max_clip(kind, seed):
 
     (mse, mse_error), (peak, peak_error) = clip_value(hist, "mse"), clip_value(hist, "max")
     assert 0 < mse <= peak and peak >= np.abs(x).max()
-    assert error(mse) <= error(peak) * 1.02
+    assert error(mse) <= error(peak) * 1.05     # the search sees values to the histogram's ~1% bins
     assert 0 < mse_error <= peak_error     # relative to the data's power
     assert mse_error == pytest.approx(error(mse) / np.mean(x.astype(np.float64) ** 2), rel=0.25)
 
