@@ -112,3 +112,17 @@ def test_sequential_search_resumes_and_warm_starts(tmp_path):
     assert again["search"]["resumed"] and again["history"] == first["history"]
     assert again["search"]["forward_passes"] < first["search"]["forward_passes"]
     assert sum(s["trials"] for s in first["history"]) < sum(s["trials"] for s in cold["history"])
+
+
+def test_sample_search_pipeline_compiles_the_sample(tmp_path):
+    """samples/search.yaml, as README points to it, on the bundled sample (feeds from the tests)."""
+    from pathlib import Path
+
+    import sparsecc
+    from sparsecc import pipeline
+
+    passes, data = pipeline.load(Path(__file__).resolve().parents[1] / "samples" / "search.yaml")
+    assert [p.name for p in passes] == ["discover-sites", "insert-thresholds", "allocate-sparsity"] and data["calib"]
+    result = sparsecc.compile_model(SAMPLE_MODEL, passes, feeds(), out=tmp_path / "out")
+    details = result.report["passes"][-1]["details"]
+    assert details["calibrated_model_sparsity"] == pytest.approx(0.4, abs=1e-6)
