@@ -24,12 +24,12 @@ import time
 import onnx_ir as ir
 
 from sparsecc import ops
-from sparsecc.calibration import collect
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, require, require_calibration
 from sparsecc.progress import log
-from sparsecc.threshold_search import Checkpoint, LossProbe, apply_levels, role_label, set_t, thresholds_by_role
+from sparsecc.threshold_search import (Checkpoint, LossProbe, dense_statistics, model_sparsity, role_label, settle,
+                                      thresholds_by_role)
 
 MAX_LEVEL = 0.95
 
@@ -69,16 +69,11 @@ class AllocateSparsity(Pass):
         c = self.config
         started = time.perf_counter()
         thresholds, natural = thresholds_by_role(model, c.bands)
-        for th in thresholds:       # measured dense
-            set_t(th.node, 0.0)
-        hists = collect(model, [th.source for th in thresholds] + [s.consumes for s in natural], ctx.calibration,
-                        ctx.cache_dir, desc="allocate: statistics")
+        hists = dense_statistics(model, thresholds, natural, ctx, "allocate")
         groups = sorted({th.group for th in thresholds})
-        total = sum(th.macs for th in thresholds) + sum(s.macs_per_token for s in natural)
-        fixed = sum(s.macs_per_token * hists[s.consumes].zeros for s in natural)
 
         def model_wide(levels: dict) -> float:
-            return (fixed + sum(th.macs * max(levels[th.group], hists[th.source].zeros) for th in thresholds)) / total
+            return model_sparsity(thresholds, natural, hists, levels)
 
         search = LossProbe(model, thresholds, hists, ctx, c.windows)
         state = Checkpoint("allocate", ctx.cache_dir, c, hists, [th.source for th in thresholds], _label)
@@ -118,11 +113,7 @@ class AllocateSparsity(Pass):
                     f"model-wide {model_wide(levels):.1%}", level=2)
         finally:
             search.close()
-        for _ in range(c.refine):   # the thresholds' inputs as they are seen behind the upstream ones
-            apply_levels(thresholds, hists, levels)
-            hists |= collect(model, [th.source for th in thresholds], ctx.calibration, ctx.cache_dir,
-                             desc="allocate: refine")
-        apply_levels(thresholds, hists, levels)
+        settle(model, thresholds, hists, levels, ctx, c.refine, "allocate")
         return {
             "changed": True, "target": c.sparsity, "calibrated_model_sparsity": round(model_wide(levels), 6),
             "groups": [{"group": _label(g), "sparsity": round(levels[g], 6),

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-import numpy as np
 import onnx_ir as ir
 
 from sparsecc import ops
@@ -70,7 +69,7 @@ class CalibrateThresholds(Pass):
             level = self._level(thresholds, natural, hists)
             for th in thresholds:
                 t = hists[th.source].threshold_for(level)
-                th.node.inputs[1].const_value = ir.tensor(np.array(t, dtype=th.node.inputs[1].dtype.numpy()))
+                ops.set_threshold(th.node, t)
         return self._report(thresholds, natural, hists, level)
 
     def _level(self, thresholds: list[_Threshold], natural: list[Site], hists: dict[str, AbsHistogram]) -> float:

@@ -105,7 +105,7 @@ class QuantizeActivations(Pass):
                 t = threshold.inputs[1].const_value.numpy()
                 if scale / 2 > t:   # values below s/2 round to zero: let the threshold say so
                     raised = (scale / 2).astype(t.dtype)
-                    threshold.inputs[1].const_value = ir.tensor(raised, name=threshold.inputs[1].name)
+                    ops.set_threshold(threshold, raised)
             dequantized = _insert_pair(graph, value, scale, sites, f"{threshold.name if threshold else tensor}.q8")
             for node in sites:
                 node.replace_input_with(0, dequantized)

@@ -20,12 +20,12 @@ import time
 import onnx_ir as ir
 
 from sparsecc import ops
-from sparsecc.calibration import collect
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, require, require_calibration
 from sparsecc.progress import bar
-from sparsecc.threshold_search import Checkpoint, LossProbe, apply_levels, role_label, set_t, thresholds_by_role
+from sparsecc.threshold_search import (Checkpoint, LossProbe, dense_statistics, model_sparsity, role_label, settle,
+                                      thresholds_by_role)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +63,7 @@ class SequentialSearch(Pass):
         started = time.perf_counter()
         grouped, natural = thresholds_by_role(model)
         thresholds = [dataclasses.replace(th, group=(th.role, i)) for i, th in enumerate(grouped)]  # each on its own
-        for th in thresholds:
-            set_t(th.node, 0.0)
-        hists = collect(model, [th.source for th in thresholds] + [s.consumes for s in natural], ctx.calibration,
-                        ctx.cache_dir, desc="sequential: statistics")
+        hists = dense_statistics(model, thresholds, natural, ctx, "sequential")
         groups = [th.group for th in thresholds]
         state = Checkpoint("sequential", ctx.cache_dir, c, hists, [th.source for th in thresholds], _label)
         levels, history = state.load(groups, 0.0)
@@ -91,20 +88,13 @@ class SequentialSearch(Pass):
                 state.save(levels, history)
         finally:
             probe.close()
-        for _ in range(c.refine):
-            apply_levels(thresholds, hists, levels)
-            hists |= collect(model, [th.source for th in thresholds], ctx.calibration, ctx.cache_dir,
-                             desc="sequential: refine")
-        apply_levels(thresholds, hists, levels)
-        total = sum(th.macs for th in thresholds) + sum(s.macs_per_token for s in natural)
-        effective = sum(th.macs * (1 - max(levels[th.group], hists[th.source].zeros)) for th in thresholds)
-        effective += sum(s.macs_per_token * (1 - hists[s.consumes].zeros) for s in natural)
+        settle(model, thresholds, hists, levels, ctx, c.refine, "sequential")
         by_role = collections.defaultdict(list)
         for th in thresholds:
             by_role[role_label(th.role)].append(levels[th.group])
         return {
             "changed": True, "loss_inc": c.loss_inc,
-            "calibrated_model_sparsity": round(1 - effective / total, 6) if total else 0.0,
+            "calibrated_model_sparsity": round(model_sparsity(thresholds, natural, hists, levels), 6),
             "loss": {"dense": dense, "searched": base, "kind": probe.kind},
             "mean_sparsity_by_role": {role: round(sum(v) / len(v), 4) for role, v in sorted(by_role.items())},
             "search": {"thresholds": len(thresholds), "forward_passes": probe.passes, "resumed": resumed,

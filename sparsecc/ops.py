@@ -9,6 +9,7 @@ a compiled model with no custom kernel, while backends match the op itself, not 
 """
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 DOMAIN = "ai.sparsecc"
@@ -41,6 +42,12 @@ def ensure_threshold_function(model: ir.Model) -> None:
         model.functions[key] = threshold_function(model.opset_imports.get("", 18))
     model.opset_imports[DOMAIN] = VERSION
     model.graph.opset_imports[DOMAIN] = VERSION
+
+
+def set_threshold(node: ir.Node, t: float) -> None:
+    """Set a Threshold node's t (a scalar of its declared type)."""
+    dtype = node.inputs[1].dtype.numpy() if node.inputs[1].dtype is not None else np.float32
+    node.inputs[1].const_value = ir.tensor(np.array(t, dtype), name=node.inputs[1].name)
 
 
 def make_threshold(x: ir.Value, t: ir.Value, name: str) -> ir.Node:

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sparsecc import ops
-from sparsecc.calibration import AbsHistogram
+from sparsecc.calibration import AbsHistogram, collect
 from sparsecc.pass_manager import Context
 from sparsecc.progress import log
 from sparsecc.runtime import load_session, saved_copy
@@ -56,14 +56,39 @@ def role_label(role: tuple) -> str:
     return "+".join(f"{k}x{n}" for k, n in role)
 
 
-def set_t(node: ir.Node, t: float) -> None:
-    dtype = node.inputs[1].dtype.numpy() if node.inputs[1].dtype is not None else np.float32
-    node.inputs[1].const_value = ir.tensor(np.array(t, dtype), name=node.inputs[1].name)
+def dense_statistics(model: ir.Model, thresholds: list[SearchThreshold], natural: list, ctx: Context,
+                     prefix: str) -> dict[str, AbsHistogram]:
+    """|x| histograms of every threshold's input with all thresholds at 0, and of the naturally
+    sparse sites' inputs."""
+    for th in thresholds:
+        ops.set_threshold(th.node, 0.0)
+    return collect(model, [th.source for th in thresholds] + [s.consumes for s in natural], ctx.calibration,
+                   ctx.cache_dir, desc=f"{prefix}: statistics")
+
+
+def model_sparsity(thresholds: list[SearchThreshold], natural: list, hists: dict, levels: dict) -> float:
+    """Model-wide MAC-weighted sparsity with every threshold at its group's level (or its
+    input's exact zeros, if more), the naturally sparse sites at theirs."""
+    total = sum(th.macs for th in thresholds) + sum(s.macs_per_token for s in natural)
+    zeroed = sum(th.macs * max(levels[th.group], hists[th.source].zeros) for th in thresholds)
+    zeroed += sum(s.macs_per_token * hists[s.consumes].zeros for s in natural)
+    return zeroed / total if total else 0.0
+
+
+def settle(model: ir.Model, thresholds: list[SearchThreshold], hists: dict, levels: dict, ctx: Context,
+           refine: int, prefix: str) -> None:
+    """Write every threshold's t for its level, re-measuring its input `refine` times with the
+    thresholds in place (as it is seen behind the upstream ones). Updates `hists`."""
+    for _ in range(refine):
+        apply_levels(thresholds, hists, levels)
+        hists |= collect(model, [th.source for th in thresholds], ctx.calibration, ctx.cache_dir,
+                         desc=f"{prefix}: refine")
+    apply_levels(thresholds, hists, levels)
 
 
 def apply_levels(thresholds: list[SearchThreshold], hists: dict[str, AbsHistogram], levels: dict) -> None:
     for th in thresholds:
-        set_t(th.node, hists[th.source].threshold_for(levels[th.group]))
+        ops.set_threshold(th.node, hists[th.source].threshold_for(levels[th.group]))
 
 
 class LossProbe:
