@@ -9,6 +9,7 @@ import onnx_ir as ir
 
 from sparsecc import ops
 from sparsecc.config import option
+from sparsecc.model_io import earliest
 from sparsecc.pass_manager import Context, Pass
 from sparsecc.sites import Site, activation_dtype, analyze, quantizer_of
 
@@ -53,8 +54,7 @@ class InsertThresholds(Pass):
                          const_value=ir.tensor(np.array(0, dtype=dtype.numpy())))
             graph.register_initializer(t)
             node = ops.make_threshold(x, t, name)
-            order = {id(n): i for i, n in enumerate(graph)}
-            graph.insert_before(min(readers, key=lambda n: order[id(n)]), node)
+            graph.insert_before(earliest(graph, readers), node)
             for reader in {id(r): r for r in readers}.values():
                 reader.replace_input_with(0, node.outputs[0])
         skipped = {

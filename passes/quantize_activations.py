@@ -23,8 +23,8 @@ import onnx_ir as ir
 from sparsecc import ops
 from sparsecc.calibration import EDGES, AbsHistogram, collect
 from sparsecc.config import option
-from sparsecc.model_io import add_initializer
 from sparsecc.errors import SparseccError
+from sparsecc.model_io import add_initializer, earliest
 from sparsecc.pass_manager import Context, Pass, require_calibration
 from sparsecc.sites import analyze
 
@@ -133,6 +133,5 @@ def _insert_pair(graph: ir.Graph, value: ir.Value, scale: np.float32, sites: lis
     quantize.outputs[0].name, dequantize.outputs[0].name = f"{name}.int8", f"{name}.out"
     quantize.outputs[0].dtype, quantize.outputs[0].shape = ir.DataType.INT8, value.shape
     dequantize.outputs[0].dtype, dequantize.outputs[0].shape = value.dtype or ir.DataType.FLOAT, value.shape
-    order = {id(node): i for i, node in enumerate(graph)}
-    graph.insert_before(min(sites, key=lambda node: order[id(node)]), [quantize, dequantize])
+    graph.insert_before(earliest(graph, sites), [quantize, dequantize])
     return dequantize.outputs[0]

@@ -18,8 +18,8 @@ import numpy as np
 import onnx_ir as ir
 
 from sparsecc.config import option
-from sparsecc.model_io import add_initializer, remove_unused
 from sparsecc.errors import SparseccError
+from sparsecc.model_io import add_initializer, earliest, remove_unused
 from sparsecc.pass_manager import Context, Pass
 from sparsecc.quant import dequantize, quantize
 from sparsecc.sites import analyze, const_root, weight_array
@@ -56,9 +56,7 @@ class QuantizeWeights(Pass):
             worst = max(worst, float(np.abs(dequantize(q, scale) - w).max()))
             # a table that holds this weight transposed (a tied embedding) reads the same integers
             tables = [g for g in graph if _looks_up(g, const_root(node.inputs[1]), (w.shape[1], w.shape[0]))]
-            order = {id(n): i for i, n in enumerate(graph)}
-            first = min([node, *tables], key=lambda n: order[id(n)])
-            value = self._dequantized(graph, first, q, scale, f"{site.weight}.q{c.bits}.{done}")
+            value = self._dequantized(graph, earliest(graph, [node, *tables]), q, scale, f"{site.weight}.q{c.bits}.{done}")
             for table in tables:
                 rows = ir.node("Transpose", [value], attributes={"perm": [1, 0]}, name=f"{value.name}.rows.{table.name}")
                 rows.outputs[0].name = f"{value.name}.rows.{table.name}"

@@ -74,6 +74,15 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def earliest(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
+    """The first of `nodes` in the graph's (topological) order: where a value they all read
+    must be computed before."""
+    if len(nodes) == 1:
+        return nodes[0]
+    wanted = {id(n) for n in nodes}
+    return next(n for n in graph if id(n) in wanted)
+
+
 def remove_unused(graph: ir.Graph) -> None:
     """Drop the nodes and initializers nothing reads any more (e.g. replaced float weights)."""
     for node in reversed(list(graph)):
