@@ -42,9 +42,10 @@ def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_cons
                      include_head: bool = False, refine: int = 1, quant: str | None = None,
                      thresholds: bool = True) -> list[Pass]:
     """The standard sparsification pipeline; with `quant` ("w8", "w4", "w8a8"), weights are
-    quantized first, so thresholds are calibrated on the quantized model; "w8a8" then quantizes the sites' inputs to int8
-    (raising thresholds to the quantizer's zero band). `thresholds=False`: no thresholds (a
-    model compiled as it is, e.g. a QDQ model for the seneca backend)."""
+    quantized first, so thresholds are calibrated on the quantized model; "w8a8" then
+    quantizes the sites' inputs to int8 (raising thresholds to the quantizer's zero band).
+    `thresholds=False`: no thresholds (a model compiled as it is, e.g. a QDQ model for the
+    seneca backend)."""
     from sparsecc import passes
 
     if quant is not None and quant not in QUANT:
