@@ -50,7 +50,7 @@ class OrtBackend(Backend):
         for s in sites:
             sparsity = zeros[s.consumes].sparsity
             rows.append({"site": s.node, "tensor": s.consumes, "group": s.group, "head": s.head, "natural": s.natural,
-                         "thresholded": s.threshold is not None, "sparsity": sparsity,
+                         "thresholded": s.threshold is not None, "compensates": s.compensates, "sparsity": sparsity,
                          "macs_per_token": s.macs_per_token,
                          "effective_macs_per_token": (1 - sparsity) * s.macs_per_token})
         result = {"windows": len(source), "sites": rows, "macs": _mac_summary(rows)}
@@ -66,9 +66,10 @@ class OrtBackend(Backend):
 
 def _mac_summary(rows: list[dict]) -> dict:
     """Dense vs effective MACs per token: over the body (sites that may be sparse: all but the
-    heads) and over every linear site."""
+    heads) and over every linear site. Low-rank compensation factors add effective MACs, not
+    dense ones: the baseline is the model without them."""
     def summary(selected):
-        dense = sum(r["macs_per_token"] for r in selected)
+        dense = sum(r["macs_per_token"] for r in selected if r["compensates"] is None)
         effective = sum(r["effective_macs_per_token"] for r in selected)
         return {"dense_per_token": dense, "effective_per_token": effective,
                 "sparsity": 1 - effective / dense if dense else 0.0}

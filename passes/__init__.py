@@ -8,6 +8,7 @@ from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Pass
 from sparsecc.passes.allocate_sparsity import AllocateSparsity
 from sparsecc.passes.calibrate_thresholds import CalibrateThresholds
+from sparsecc.passes.compensate_lowrank import CompensateLowrank
 from sparsecc.passes.discover_sites import DiscoverSites
 from sparsecc.passes.fold_qdq import FoldQdq
 from sparsecc.passes.insert_thresholds import InsertThresholds
@@ -17,7 +18,8 @@ from sparsecc.passes.sequential_search import SequentialSearch
 from sparsecc.passes.partition import Partition
 
 BUILTIN: dict[str, type[Pass]] = {p.name: p for p in (DiscoverSites, FoldQdq, InsertThresholds, CalibrateThresholds, AllocateSparsity,
-                                              QuantizeWeights, QuantizeActivations, SequentialSearch, Partition)}
+                                              QuantizeWeights, QuantizeActivations, SequentialSearch, Partition,
+                                              CompensateLowrank)}
 
 
 def registry() -> dict[str, type[Pass]]:

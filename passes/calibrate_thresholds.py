@@ -6,7 +6,7 @@ from typing import Literal
 
 import onnx_ir as ir
 
-from sparsecc import ops
+from sparsecc import compensation, ops
 from sparsecc.calibration import AbsHistogram, collect
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
@@ -35,6 +35,7 @@ class CalibrateThresholdsConfig:
 class _Threshold:
     node: ir.Node
     sites: list[Site]
+    compensation: compensation.Compensation = compensation.NONE   # low-rank factors it pays for
 
     @property
     def source(self) -> str:
@@ -58,7 +59,8 @@ class CalibrateThresholds(Pass):
 
     def run(self, model: ir.Model, ctx: Context) -> dict:
         sites = analyze(model.graph).sites
-        thresholds = [_Threshold(n, [s for s in sites if s.threshold == n.name])
+        costs = compensation.by_threshold(sites)
+        thresholds = [_Threshold(n, [s for s in sites if s.threshold == n.name], costs.get(n.name, compensation.NONE))
                       for n in model.graph if ops.is_threshold(n)]
         natural = [s for s in sites if s.natural and not s.head]
         tensors = [th.source for th in thresholds] + [s.consumes for s in natural]
@@ -81,11 +83,16 @@ class CalibrateThresholds(Pass):
         def model_wide(level: float) -> float:
             effective = sum(th.macs * max(level, hists[th.source].zeros) for th in thresholds)
             effective += sum(s.macs_per_token * hists[s.consumes].zeros for s in natural)
+            effective -= sum(th.compensation.macs(level, hists[th.source].zeros) for th in thresholds)
             return effective / (sum(th.macs for th in thresholds) + sum(s.macs_per_token for s in natural))
 
         lo, hi = 0.0, 1.0
         if model_wide(lo) >= target:
             return 0.0
+        if model_wide(hi) < target:
+            raise SparseccError(f"sparsity target {target:.1%} is out of reach: with every threshold at 100% the "
+                                f"model-wide figure is {model_wide(hi):.1%} (natural sites and low-rank compensation "
+                                "count); lower the target or the compensation rank")
         for _ in range(60):  # bisection: model_wide is monotone in the level
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if model_wide(mid) < target else (lo, mid)
@@ -96,7 +103,7 @@ class CalibrateThresholds(Pass):
         for th in thresholds:
             t = float(th.node.inputs[1].const_value.numpy())
             sparsity = hists[th.source].sparsity_at(t)
-            eff += th.macs * (1 - sparsity)
+            eff += th.macs * (1 - sparsity) + th.compensation.macs(sparsity, hists[th.source].zeros)
             dense += th.macs
             rows.append({"threshold": th.node.name, "tensor": th.source, "sites": [s.node for s in th.sites],
                          "t": t, "calibrated_sparsity": round(sparsity, 6)})

@@ -31,7 +31,8 @@ class InsertThresholds(Pass):
         graph = model.graph
         analysis = analyze(graph)
         sites = analysis.sites
-        chosen = [s for s in sites if s.threshold is None and s.natural is None and (self.config.include_head or not s.head)]
+        chosen = [s for s in sites if s.threshold is None and s.natural is None and s.compensates is None
+                  and (self.config.include_head or not s.head)]
         nodes = dict(enumerate(analysis.nodes))
         buckets: dict[str, list[Site]] = {}
         for site in chosen:

@@ -70,7 +70,8 @@ def eval_markdown(report: dict) -> str:
                      f"top-1 agreement {_pct(e['top1_agreement'])}")
     lines += ["", "| site | group | kind | sparsity | MACs/token | effective |", "|---|---|---|---|---|---|"]
     for s in r["sites"]:
-        kind = "head" if s["head"] else s["natural"] or ("threshold" if s["thresholded"] else "dense")
+        kind = "head" if s["head"] else s["natural"] or ("threshold" if s["thresholded"] else
+                                                         "compensation" if s.get("compensates") else "dense")
         lines.append(f"| {s['site']} | {s['group']} | {kind} | {_pct(s['sparsity'])} | "
                      f"{_macs(s['macs_per_token'])} | {_macs(s['effective_macs_per_token'])} |")
     return "\n".join(lines) + "\n"
@@ -128,6 +129,10 @@ def simulation_markdown(report: dict) -> str:
         out.append(f"| {label} | {s[key]:,.0f} | {d[key]:,.0f} | {d[key] / s[key]:.2f} |")
     for key in ("mac_lane_ops", "events_sent", "flit_hops"):
         out.append(f"| {key.replace('_', ' ')} (window) | {s[key]:,} | {d[key]:,} | {d[key] / max(1, s[key]):.2f} |")
+    if "compensation" in s:   # low-rank compensation: part of the sparse figures, absent from the dense baseline
+        c = s["compensation"]
+        out.append(f"| of which low-rank compensation: energy (pJ), MAC lane-ops | {c['energy_pj_per_token']['total']:,.0f} "
+                   f"({_pct(c['energy_share'])}), {c['mac_lane_ops']:,} | - | - |")
     out += ["", "## Per layer (pJ per token, sparse)", "", "| layer | npe | memory | controller | noc | total |", "|---|---|---|---|---|---|"]
     for name, row in s["per_layer"].items():
         out.append(f"| {name} | " + " | ".join(f"{row.get(k, 0.0):,.0f}" for k in ("npe", "memory", "controller", "noc", "total")) + " |")

@@ -11,7 +11,10 @@ layout and dequantization ops. Found by graph structure alone, never by node nam
 - a tensor that is already sparse by construction (ReLU, ReLU squared) is *natural*: it
   needs no threshold, and its measured sparsity counts toward the model-wide figure;
 - an activation quantized on its way (DequantizeLinear(QuantizeLinear(x)), as in QDQ models)
-  is seen through: its threshold sits on x, before the quantizer.
+  is seen through: its threshold sits on x, before the quantizer;
+- a *compensation factor* (compensate-lowrank) is recognised by structure: factor 1 reads
+  d = Sub(x, Threshold(x)), the part a threshold drops, factor 2 reads factor 1's output. Its
+  MACs count, but it is never thresholded, never a head and forms no group of its own.
 """
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ class Site:
     natural: str | None   # "relu" / "relu2" when sparse by construction
     threshold: str | None  # name of the Threshold node feeding the site, if any
     group: int = -1
+    compensates: str | None = None  # compensation factor: the Threshold whose dropped part it carries
+    factor: int = 0        # which compensation factor: 1 reads d = x - Threshold(x), 2 reads d @ B
 
     @property
     def macs_per_token(self) -> int:
@@ -63,7 +68,8 @@ class Analysis:
     def groups(self) -> dict[str, list[Site]]:
         out: dict[str, list[Site]] = {}
         for site in self.sites:
-            out.setdefault(site.source, []).append(site)
+            if site.compensates is None:
+                out.setdefault(site.source, []).append(site)
         return out
 
 
@@ -170,6 +176,17 @@ def activation_dtype(node: ir.Node) -> ir.DataType | None:
     return value.dtype if value is not None else None
 
 
+def dropped_by(value: ir.Value) -> ir.Node | None:
+    """The Threshold whose dropped part `value` is (value = Sub(x, Threshold(x, t))), else None."""
+    sub = value.producer()
+    if sub is None or sub.op_type != "Sub" or sub.domain != "":
+        return None
+    threshold = sub.inputs[1].producer() if sub.inputs[1] is not None else None
+    if threshold is None or not ops.is_threshold(threshold) or threshold.inputs[0] is not sub.inputs[0]:
+        return None
+    return threshold
+
+
 def _is_head(node: ir.Node, linear: set[int]) -> bool:
     """Does `node`'s output reach a graph output through ops whose other inputs are constant?"""
     frontier, seen = [node.outputs[0]], set()
@@ -218,6 +235,7 @@ def analyze(graph: ir.Graph) -> Analysis:
         candidates.append((node, k, n))
     linear = {id(node) for node, _, _ in candidates}
     sites, group_of = [], {}
+    first_factors: dict[int, str] = {}   # compensation factor 1 node -> the Threshold it compensates
     for index, (node, k, n) in enumerate(candidates):
         consumes = node.inputs[0]
         quantizer = quantizer_of(consumes)
@@ -225,13 +243,17 @@ def analyze(graph: ir.Graph) -> Analysis:
         producer = before.producer()
         thresholded = producer is not None and ops.is_threshold(producer)
         source = producer.inputs[0] if thresholded else before
-        group = group_of.setdefault(source.name, len(group_of))
+        dropped = dropped_by(before)
+        compensates, factor = (dropped.name, 1) if dropped is not None else (first_factors.get(id(producer)), 2)
+        if dropped is not None:
+            first_factors[id(node)] = dropped.name
+        group = group_of.setdefault(source.name, len(group_of)) if compensates is None else -1
         sites.append(Site(
             index=index, node=node.name or f"{node.op_type}#{index}", op=node.op_type,
             consumes=consumes.name, source=source.name, weight=const_root(node.inputs[1]).name,
-            in_features=int(k), out_features=int(n), head=_is_head(node, linear),
+            in_features=int(k), out_features=int(n), head=compensates is None and _is_head(node, linear),
             natural=natural_sparsity(source), threshold=producer.name if thresholded else None,
-            group=group))
+            group=group, compensates=compensates, factor=factor if compensates is not None else 0))
     return Analysis(sites, attention, declined, [node for node, _, _ in candidates])
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from sparsecc import ops
+from sparsecc import compensation, ops
 from sparsecc.calibration import AbsHistogram, collect
 from sparsecc.pass_manager import Context
 from sparsecc.progress import log
@@ -26,6 +26,7 @@ class SearchThreshold:
     macs: int
     group: tuple          # what the search moves together
     role: tuple           # ((in, out) of each site it feeds), sorted
+    compensation: compensation.Compensation = compensation.NONE   # low-rank factors it pays for
 
     @property
     def source(self) -> str:
@@ -39,6 +40,7 @@ def thresholds_by_role(model: ir.Model, bands: int = 1) -> tuple[list[SearchThre
     nodes = [n for n in model.graph if ops.is_threshold(n)]
     fed = {n.name: [s for s in sites if s.threshold == n.name] for n in nodes}
     roles = {n.name: tuple(sorted((s.in_features, s.out_features) for s in fed[n.name])) for n in nodes}
+    costs = compensation.by_threshold(sites)
     count = {r: sum(1 for n in nodes if roles[n.name] == r) for r in set(roles.values())}
     seen: dict = {}
     out = []
@@ -46,7 +48,8 @@ def thresholds_by_role(model: ir.Model, bands: int = 1) -> tuple[list[SearchThre
         role = roles[n.name]
         index = seen[role] = seen.get(role, -1) + 1
         band = index * bands // count[role]
-        out.append(SearchThreshold(n, sum(s.macs_per_token for s in fed[n.name]), (role, band), role))
+        out.append(SearchThreshold(n, sum(s.macs_per_token for s in fed[n.name]), (role, band), role,
+                                   costs.get(n.name, compensation.NONE)))
     natural = [s for s in sites if s.natural and not s.head]
     return out, natural
 
@@ -72,6 +75,7 @@ def model_sparsity(thresholds: list[SearchThreshold], natural: list, hists: dict
     total = sum(th.macs for th in thresholds) + sum(s.macs_per_token for s in natural)
     zeroed = sum(th.macs * max(levels[th.group], hists[th.source].zeros) for th in thresholds)
     zeroed += sum(s.macs_per_token * hists[s.consumes].zeros for s in natural)
+    zeroed -= sum(th.compensation.macs(levels[th.group], hists[th.source].zeros) for th in thresholds)
     return zeroed / total if total else 0.0
 
 

@@ -219,11 +219,12 @@ class Agreement:
 def _summary(results: list, target: Target) -> dict:
     """Totals over windows, per token where it says so."""
     tokens = sum(r.tokens for r in results)
-    energy = collections.Counter()
+    energy, compensation = collections.Counter(), collections.Counter()
     per_layer: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     per_core: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
     for r in results:
         energy.update(r.energy_pj)
+        compensation.update(r.compensation_pj)
         for name, row in r.per_layer.items():
             per_layer[name].update(row)
         for core, row in r.per_core.items():
@@ -247,7 +248,11 @@ def _summary(results: list, target: Target) -> dict:
         "instructions": dict(sorted(sum((r.counts for r in results), collections.Counter()).items())),
         "per_layer": {name: per_token(row) for name, row in sorted(per_layer.items(), key=lambda kv: _layer_key(kv[0]))},
         "per_core": {str(core): per_token(row) for core, row in sorted(per_core.items())},
-    }
+    } | ({"compensation": {   # low-rank compensation (compensate-lowrank): its part of the figures above
+        "energy_pj_per_token": {k: compensation[k] / tokens for k in sorted(compensation)} | {
+            "total": sum(compensation.values()) / tokens},
+        "energy_share": sum(compensation.values()) / total,
+        "mac_lane_ops": sum(r.compensation_mac_lane_ops for r in results)}} if compensation else {})
 
 
 def _layer_key(name: str):

@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
-from sparsecc import ops
+from sparsecc import compensation, ops
 from sparsecc.backends.seneca import cost, dense
 from sparsecc.backends.seneca.codegen import LinearTile, linear_handler
 from sparsecc.backends.seneca.linear import VALUE_FORMATS, run_tile, step_counts, window_counts
@@ -77,11 +77,14 @@ class StepResult:
     dense_macs: int                      # linear sites: tokens x K x N
     tokens: int
     counts: collections.Counter
+    compensation_pj: dict[str, float] = dataclasses.field(default_factory=dict)  # low-rank compensation's share of energy_pj
+    compensation_mac_lane_ops: int = 0                   # its share of mac_lane_ops
 
 
 class Simulator:
     """Runs `model` (compiled and partitioned) on `target`. With `dense=True` the thresholds are
-    taken out (each Threshold passes its input through): the dense baseline on the same placement."""
+    taken out (each Threshold passes its input through): the dense baseline on the same placement,
+    without low-rank compensation (its Add passes the site's output through, the rest is not run)."""
 
     def __init__(self, model: ir.Model, target: Target, dense_baseline: bool = False):
         self.placement = Placement.of(model)
@@ -98,6 +101,7 @@ class Simulator:
         analysis = analyze(model.graph)
         self.sites = {site.node: site for site in analysis.sites}
         self.site_nodes = {node.name: node for node in analysis.nodes}
+        self.compensation = compensation.nodes(analysis)   # costed apart in the report
         self.int8 = {name: found for name, node in self.site_nodes.items() if (found := int8_operands(node))}
         # int8 weights with 16-bit float events: (weight, scale)
         self.w8 = {name: found for name, node in self.site_nodes.items()
@@ -235,20 +239,27 @@ class Simulator:
         env.update(self.constants)
         env.update(feeds)
         work: dict[str, list[Work]] = {}
-        lane_ops = dense_macs = 0
+        lane_ops = dense_macs = compensation_ops = 0
         for node in self.nodes:
             if node.name in self.folded:
                 continue
             kind = self._kind(node)
             inputs = [env[v.name] if v is not None and v.name in env else None for v in node.inputs]
-            if node.name not in self.live:                      # folded at compile time
+            if self.dense_baseline and node.name in self.compensation:   # the baseline has no compensation
+                site_output = [x for v, x in zip(node.inputs, inputs) if v.producer() is None
+                               or v.producer().name not in self.compensation]
+                outputs = site_output[:1] if node.op_type == "Add" else [None] * len(node.outputs)
+            elif node.name not in self.live:                      # folded at compile time
                 outputs = self._reference(node, inputs)
             elif kind == "tiled":
                 outputs, work[node.name], macs = self._tiled(node, inputs, tokens, env)
                 if node.name in self.sites:
                     lane_ops += macs
-                    k, n = self.weights[node.name].shape
-                    dense_macs += tokens * k * n
+                    if node.name in self.compensation:
+                        compensation_ops += macs
+                    else:   # dense MACs: of the model without compensation
+                        k, n = self.weights[node.name].shape
+                        dense_macs += tokens * k * n
             else:
                 live_inputs = [self._read(v, x) for v, x in zip(node.inputs, inputs)]
                 if kind == "view":
@@ -268,7 +279,9 @@ class Simulator:
             for v, o in zip(node.outputs, outputs):
                 env[v.name] = o
         self.work = work
-        return self._account(env, work, tokens, lane_ops, dense_macs, keep)
+        result = self._account(env, work, tokens, lane_ops, dense_macs, keep)
+        result.compensation_mac_lane_ops = compensation_ops
+        return result
 
     def _read(self, value: ir.Value | None, x):
         """`x` as a handler reads it: rounded to the value format unless it already is."""
@@ -404,6 +417,7 @@ class Simulator:
     def _account(self, env, work, tokens, lane_ops, dense_macs, keep) -> StepResult:
         mesh = self.placement.mesh
         energy = dict.fromkeys(cost.CATEGORIES, 0.0)
+        compensation_energy = dict.fromkeys(cost.CATEGORIES, 0.0)
         per_core: dict[int, dict] = {}
         per_layer: dict[str, dict] = {}
         total_counts = collections.Counter()
@@ -412,11 +426,12 @@ class Simulator:
         sent = received = flits = flit_hops = 0
         cph = self.target["noc"]["cycles_per_hop"]
 
-        def charge(core: int, layer: str, counts, captured: int, noc_pj: float = 0.0):
+        def charge(core: int, layer: str, counts, captured: int, noc_pj: float = 0.0, compensating: bool = False):
             e = cost.energy_pj(counts, captured, self.target)
             e["noc"] += noc_pj
             for bucket in (energy, per_core.setdefault(core, {**dict.fromkeys(cost.CATEGORIES, 0.0), "cycles": 0.0}),
-                           per_layer.setdefault(layer, dict.fromkeys(cost.CATEGORIES, 0.0))):
+                           per_layer.setdefault(layer, dict.fromkeys(cost.CATEGORIES, 0.0)),
+                           *([compensation_energy] if compensating else [])):
                 for c in cost.CATEGORIES:
                     bucket[c] += e[c]
 
@@ -428,7 +443,7 @@ class Simulator:
             # arrival of inputs: producer finish + NoC hops (+ one cycle per flit on the link)
             ready = zero
             for v in self._arrivals(node):
-                if v is None or v.name not in self.live_values or v.producer() is None:
+                if v is None or v.name not in self.live_values or v.producer() is None or env.get(v.name) is None:
                     continue
                 src = v.producer().name
                 arrive = finish.get(src, zero)
@@ -442,7 +457,7 @@ class Simulator:
                 end = start + w.cycles
                 core_free[w.core] = end
                 done = np.maximum(done, end)
-                charge(w.core, layer, w.counts, w.events_captured)
+                charge(w.core, layer, w.counts, w.events_captured, compensating=node.name in self.compensation)
                 per_core[w.core]["cycles"] += float(w.cycles.sum())
                 total_counts.update(w.counts)
             finish[node.name] = done
@@ -460,7 +475,8 @@ class Simulator:
                         continue
                     links = mesh.multicast_links(src, remote)
                     packet = nonzero + tokens   # a header flit per token step
-                    charge(src, layer, collections.Counter(), 0, cost.noc_energy_pj(packet, links, self.target))
+                    charge(src, layer, collections.Counter(), 0, cost.noc_energy_pj(packet, links, self.target),
+                           compensating=node.name in self.compensation and node.op_type != "Add")
                     sent += nonzero
                     received += nonzero * len(remote)
                     flits += packet
@@ -472,13 +488,14 @@ class Simulator:
                         if core == src:
                             continue
                         prog = dense.receive(nonzero, dense.groups_of(int(np.size(value)) // max(1, tokens)) * tokens)
-                        charge(core, layer_of(reader), prog.counts, 0)
+                        charge(core, layer_of(reader), prog.counts, 0, compensating=reader.name in self.compensation)
                         total_counts.update(prog.counts)
                         per_core[core]["cycles"] += cost.cycles(prog.counts, self.target)
         outputs = {name: env[name] for name in [o.name for o in self.outputs] + list(keep)}
         latency = np.max(np.stack([finish.get(o.producer().name, zero) for o in self.outputs]), axis=0)
         return StepResult(outputs, energy, per_core, per_layer, latency, sent, received, flits, flit_hops,
-                          lane_ops, dense_macs, tokens, total_counts)
+                          lane_ops, dense_macs, tokens, total_counts,
+                          compensation_energy if self.compensation and not self.dense_baseline else {})
 
     def _arrivals(self, node: ir.Node) -> list[ir.Value | None]:
         """The values whose arrival a node's handler waits for: an integer site's are its events."""

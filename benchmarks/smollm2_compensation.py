@@ -1,0 +1,72 @@
+"""SmolLM2-135M: low-rank compensation (compensate-lowrank, R-Sparse) against none, at the same
+model-wide MAC-weighted target (the compensation's MACs paid for out of it).
+
+    python samples/smollm2/build.py                                   # once
+    python benchmarks/smollm2_compensation.py --targets 0.5 --ranks 8 32 --eval-windows 64
+
+Every run: calibrate-thresholds on 256-token windows of valid.txt (--calib-windows), perplexity
+on evenly spread 256-token windows of test.txt (ONNX Runtime), against the dense model on the
+same windows. Prints perplexity, its change from dense, the level every threshold is at (higher
+with compensation: it pays for the factors), the measured body sparsity (factors counted), and
+the compensation's extra MACs per token.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "wikitext-2"
+
+
+def main(argv=None) -> None:
+    import sparsecc
+    from sparsecc.calibration import default_cache_dir
+    from sparsecc.passes import get
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", type=Path, default=REPO / "build" / "smollm2-135m")
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.5])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 32], help="compensation ranks (0: none, always run)")
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    args = ap.parse_args(argv)
+    model = args.model_dir / "model.onnx"
+    if not model.is_file():
+        raise SystemExit(f"{model} not found: run python samples/smollm2/build.py first")
+    calib = sparsecc.data_source(DATA / "valid.txt", args.model_dir, 256, args.calib_windows)
+    test = sparsecc.data_source(DATA / "test.txt", args.model_dir, 256, args.eval_windows)
+    dense = sparsecc.evaluate(model, test)["result"]["perplexity"]
+    print(f"dense: ppl {dense:.3f}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for target in args.targets:
+            for rank in [0] + [r for r in args.ranks if r > 0]:
+                out = Path(tmp) / f"{target}-{rank}"
+                compensate = [get("compensate-lowrank")(rank=rank)] if rank else []
+                passes = [get("discover-sites")(), get("insert-thresholds")(), *compensate,
+                          get("calibrate-thresholds")(sparsity=target)]
+                start = time.perf_counter()
+                result = sparsecc.compile_model(model, passes, calib, out=out, cache_dir=default_cache_dir())
+                seconds = time.perf_counter() - start
+                reports = {p["pass"]: p["details"] for p in result.report["passes"]}
+                extra = reports.get("compensate-lowrank", {}).get("extra_macs_per_token", {})
+                r = sparsecc.evaluate(out / "model.onnx", test)["result"]
+                rows.append((target, rank, r["perplexity"], reports["calibrate-thresholds"]["level"],
+                             r["macs"]["body"]["sparsity"], r["macs"]["body"]["dense_per_token"], extra, seconds))
+                print(f"{target:.0%} rank {rank}: ppl {r['perplexity']:.3f}, {seconds:.0f} s", flush=True)
+    print(f"\nSmolLM2-135M, perplexity on {len(test)} x 256 tokens of test.txt (dense {dense:.3f}), "
+          f"thresholds calibrated on {len(calib)} x 256 tokens of valid.txt")
+    print(f"{'target':>6} {'rank':>4} {'ppl':>8} {'vs dense':>8} {'level':>6} {'body sparsity':>13} "
+          f"{'factor MACs/token (dense + per dropped)':>40} {'compile s':>9}")
+    for target, rank, ppl, level, body, dense_macs, extra, seconds in rows:
+        share = (f"{extra['dense'] / dense_macs:.1%} + {extra['per_dropped_value'] / dense_macs:.1%} x dropped"
+                 if extra else "-")
+        print(f"{target:>6.0%} {rank:>4} {ppl:>8.3f} {ppl / dense - 1:>+8.1%} {level:>6.3f} {body:>13.1%} "
+              f"{share:>40} {seconds:>9.0f}")
+
+
+if __name__ == "__main__":
+    main()
