@@ -16,10 +16,11 @@ from sparsecc.passes.quantize_activations import QuantizeActivations
 from sparsecc.passes.quantize_weights import QuantizeWeights
 from sparsecc.passes.sequential_search import SequentialSearch
 from sparsecc.passes.partition import Partition
+from sparsecc.passes.weight_scores import WeightScores
 
 BUILTIN: dict[str, type[Pass]] = {p.name: p for p in (DiscoverSites, FoldQdq, InsertThresholds, CalibrateThresholds, AllocateSparsity,
                                               QuantizeWeights, QuantizeActivations, SequentialSearch, Partition,
-                                              CompensateLowrank)}
+                                              CompensateLowrank, WeightScores)}
 
 
 def registry() -> dict[str, type[Pass]]:

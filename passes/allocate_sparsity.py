@@ -122,7 +122,7 @@ class AllocateSparsity(Pass):
             "search": {"moves": len(history), "forward_passes": search.passes, "resumed": resumed,
                        "seconds": round(time.perf_counter() - started, 3)},
             "thresholds": [{"threshold": th.node.name, "group": _label(th.group),
-                            "t": float(th.node.inputs[1].const_value.numpy())} for th in thresholds],
+                            "t": ops.threshold_level(th.node)} for th in thresholds],
         }
 
     def _cost(self, search, levels, group, loss, model_wide):

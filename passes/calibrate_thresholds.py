@@ -7,7 +7,7 @@ from typing import Literal
 import onnx_ir as ir
 
 from sparsecc import compensation, ops
-from sparsecc.calibration import AbsHistogram, collect
+from sparsecc.calibration import AbsHistogram, collect, statistic
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, require, require_calibration
@@ -39,7 +39,8 @@ class _Threshold:
 
     @property
     def source(self) -> str:
-        return self.node.inputs[0].name
+        """What its level is calibrated on: its input, or its weight-aware score (calibration.statistic)."""
+        return statistic(self.node)
 
     @property
     def macs(self) -> int:
@@ -101,12 +102,13 @@ class CalibrateThresholds(Pass):
     def _report(self, thresholds, natural, hists, level) -> dict:
         rows, eff, dense = [], 0.0, 0
         for th in thresholds:
-            t = float(th.node.inputs[1].const_value.numpy())
+            t = ops.threshold_level(th.node)
             sparsity = hists[th.source].sparsity_at(t)
             eff += th.macs * (1 - sparsity) + th.compensation.macs(sparsity, hists[th.source].zeros)
             dense += th.macs
-            rows.append({"threshold": th.node.name, "tensor": th.source, "sites": [s.node for s in th.sites],
-                         "t": t, "calibrated_sparsity": round(sparsity, 6)})
+            rows.append({"threshold": th.node.name, "tensor": th.node.inputs[0].name, "sites": [s.node for s in th.sites],
+                         "t": t, "calibrated_sparsity": round(sparsity, 6)}
+                        | ({"score": "weight-aware (t = tau / c per channel)"} if ops.score_scale(th.node) is not None else {}))
         for s in natural:
             eff += s.macs_per_token * (1 - hists[s.consumes].zeros)
             dense += s.macs_per_token

@@ -103,9 +103,9 @@ class QuantizeActivations(Pass):
             raised = None
             if threshold is not None:
                 t = threshold.inputs[1].const_value.numpy()
-                if scale / 2 > t:   # values below s/2 round to zero: let the threshold say so
+                if np.any(scale / 2 > t):   # values below s/2 round to zero: let the threshold say so (per channel)
                     raised = (scale / 2).astype(t.dtype)
-                    ops.set_threshold(threshold, raised)
+                    ops.raise_threshold(threshold, raised)
             dequantized = _insert_pair(graph, value, scale, sites, f"{threshold.name if threshold else tensor}.q8")
             for node in sites:
                 node.replace_input_with(0, dequantized)

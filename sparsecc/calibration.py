@@ -8,6 +8,11 @@ fixed whatever the amount of data, and results do not depend on batch order.
 `collect` streams feeds through ONNX Runtime with only the wanted tensors as extra outputs
 and keeps one histogram per tensor; results are cached on disk under a key made of the
 exact saved model, the data and the tensor list.
+
+A weight-aware threshold (ops.set_score_scale) is calibrated on its score |x_i| * c_i, not
+on |x|: `statistic(node)` names what a Threshold's level is calibrated on (its input tensor,
+or `score:<threshold>`), and `collect` takes either kind of name, scaling the tensor per
+channel for a score. Every threshold pass keys its histograms by that one name.
 """
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from sparsecc import ops
 from sparsecc.data import FeedSource
+from sparsecc.errors import SparseccError
 from sparsecc.progress import bar, log
 from sparsecc.model_io import fingerprint
 from sparsecc.runtime import load_session, saved_copy
@@ -87,10 +94,15 @@ class AbsHistogram:
 
 def collect(model: ir.Model, tensors: list[str], source: FeedSource, cache_dir: Path | None = None,
             desc: str = "calibrating") -> dict[str, AbsHistogram]:
-    """One histogram of |x| per tensor over all feeds of `source`."""
+    """One histogram per name over all feeds of `source`: of |x| for a tensor, of the score
+    |x_i| * c_i for a weight-aware threshold's `statistic`."""
     tensors = sorted(set(tensors))
-    with saved_copy(model, tensors) as files:
-        cache = _cache_path(cache_dir, files, source, tensors)
+    scores = _scores(model, tensors)
+    fetch = sorted({scores[name][0] if name in scores else name for name in tensors})
+    with saved_copy(model, fetch) as files:
+        # the scales are in the saved model too; named here so a key never depends on that
+        scaled = [f"{name}={hashlib.sha256(scores[name][1].tobytes()).hexdigest()}" for name in tensors if name in scores]
+        cache = _cache_path(cache_dir, files, source, tensors + scaled)
         if cache is not None and cache.is_file():
             log(f"{desc}: reusing cached statistics {cache.name}")
             with np.load(cache) as data:
@@ -99,11 +111,48 @@ def collect(model: ir.Model, tensors: list[str], source: FeedSource, cache_dir: 
         hists = {name: AbsHistogram() for name in tensors}
         inputs = [i.name for i in session.get_inputs()]
         for feed in bar(source.feeds(inputs), total=len(source), desc=desc):
-            for name, array in zip(tensors, session.run(tensors, feed)):
-                hists[name].add(array)
+            arrays = dict(zip(fetch, session.run(fetch, feed)))
+            for name in tensors:
+                if name in scores:
+                    tensor, scale = scores[name]
+                    hists[name].add(_scaled(arrays[tensor], scale, name))
+                else:
+                    hists[name].add(arrays[name])
     if cache is not None:
         _atomic_savez(cache, {f"h{i}": hists[name].counts for i, name in enumerate(tensors)})
     return hists
+
+
+SCORE_PREFIX = "score:"
+
+
+def statistic(node: ir.Node) -> str:
+    """What a Threshold's level is calibrated on: the name of its input tensor, or for a
+    weight-aware threshold `score:<its name>`, the score |x_i| * c_i of that input."""
+    return f"{SCORE_PREFIX}{node.name}" if ops.score_scale(node) is not None else node.inputs[0].name
+
+
+def _scores(model: ir.Model, names: list[str]) -> dict[str, tuple[str, np.ndarray]]:
+    """score name -> (the tensor, its per-channel scale) for the score statistics among `names`."""
+    wanted = {name[len(SCORE_PREFIX):]: name for name in names if name.startswith(SCORE_PREFIX)}
+    if not wanted:
+        return {}
+    out = {}
+    for node in model.graph:
+        if node.name in wanted and ops.is_threshold(node) and ops.score_scale(node) is not None:
+            out[wanted[node.name]] = (node.inputs[0].name, ops.score_scale(node))
+    missing = sorted(set(wanted.values()) - set(out))
+    if missing:
+        raise SparseccError(f"{missing[0]!r} names no weight-aware Threshold of the model (run weight-scores "
+                            "before asking for its score statistics)")
+    return out
+
+
+def _scaled(x: np.ndarray, scale: np.ndarray, name: str) -> np.ndarray:
+    if x.shape[-1:] != scale.shape:
+        raise SparseccError(f"{name}: the tensor's last axis has {x.shape[-1:]} channels, its score scale "
+                            f"{scale.size}; re-run weight-scores on this model")
+    return np.abs(np.asarray(x, np.float32)) * scale
 
 
 def _cache_path(cache_dir: Path | None, model_files: list[Path], source: FeedSource, tensors: list[str]) -> Path | None:

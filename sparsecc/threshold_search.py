@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sparsecc import compensation, ops
-from sparsecc.calibration import AbsHistogram, collect
+from sparsecc.calibration import AbsHistogram, collect, statistic
 from sparsecc.pass_manager import Context
 from sparsecc.progress import log
 from sparsecc.runtime import load_session, saved_copy
@@ -30,7 +30,8 @@ class SearchThreshold:
 
     @property
     def source(self) -> str:
-        return self.node.inputs[0].name
+        """What its level is calibrated on: its input, or its weight-aware score (calibration.statistic)."""
+        return statistic(self.node)
 
 
 def thresholds_by_role(model: ir.Model, bands: int = 1) -> tuple[list[SearchThreshold], list]:
@@ -127,8 +128,8 @@ class LossProbe:
             self.dense = [self._run(dict.fromkeys({th.group for th in thresholds}, 0.0), f) for f in self.feeds]
 
     def _run(self, levels: dict, feed: dict) -> np.ndarray:
-        ts = {th.node.inputs[1].name: np.array(self.hists[th.source].threshold_for(levels[th.group]),
-                                               th.node.inputs[1].dtype.numpy()) for th in self.thresholds}
+        ts = {th.node.inputs[1].name: ops.threshold_array(th.node, self.hists[th.source].threshold_for(levels[th.group]))
+              for th in self.thresholds}
         self.passes += 1
         return self.session.run(None, feed | ts)[0]
 

@@ -109,7 +109,7 @@ def test_console_script_eval(compiled, tmp_path):
 
 
 PASSES = ["allocate-sparsity", "calibrate-thresholds", "compensate-lowrank", "discover-sites", "fold-qdq", "insert-thresholds", "partition",
-          "quantize-activations", "quantize-weights", "sequential-search"]
+          "quantize-activations", "quantize-weights", "sequential-search", "weight-scores"]
 
 
 def test_list_passes_and_backends(capsys):

@@ -188,11 +188,13 @@ class Agreement:
 
     def add_decisions(self, x_sim: np.ndarray, y_ref: np.ndarray, t) -> None:
         """`x_sim`: a Threshold's input in the simulator; `y_ref`: its output in ORT."""
+        t = np.broadcast_to(t, x_sim.shape)   # a weight-aware threshold has one t per channel
         differ = (np.abs(x_sim) > t) != (y_ref != 0)
         self.decisions += x_sim.size
         self.differing += int(differ.sum())
-        if differ.any() and t > 0:
-            self.tie_margin = max(self.tie_margin, float(np.abs(np.abs(x_sim[differ]) - t).max() / t))
+        differ &= t > 0
+        if differ.any():
+            self.tie_margin = max(self.tie_margin, float((np.abs(np.abs(x_sim[differ]) - t[differ]) / t[differ]).max()))
 
     def add_quantized(self, x_sim: np.ndarray, q_ref: np.ndarray, scale, zero=None) -> None:
         """`x_sim`: a QuantizeLinear's input in the simulator; `q_ref`: its output in ORT."""

@@ -50,6 +50,7 @@ COMPUTE: dict[str, list[str]] = {
     "Less": ["GTH r3, r2, r1"], "GreaterOrEqual": ["GTH r3, r2, r1", "SUB r3, r19, r3"],
     "LessOrEqual": ["GTH r3, r1, r2", "SUB r3, r19, r3"], "Not": ["SUB r3, r19, r1"], "And": ["AND r3, r1, r2"],
     "Or": ["ORR r3, r1, r2"], "IsNaN": ["EQL r3, r1, r1"], "IsInf": ["ABS r3, r1", "EQL r3, r3, r20"],
+    # t in r2: held for a scalar t, loaded per group (MLD) for a weight-aware threshold's per-channel t
     "Threshold": ["ABS r4, r1", "GTH r4, r4, r2", "MUL r3, r1, r4"],
     # x / scale with the reciprocal held in r2; int8 words as 16-bit integers (zero point 0 assumed in the cost)
     "QuantizeLinear": ["MUL r3, r1, r2", "F2I r3, r3"], "DequantizeLinear": ["I2F r3, r1", "MUL r3, r3, r2"],

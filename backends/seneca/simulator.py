@@ -381,6 +381,8 @@ class Simulator:
         operands = [dense.Operand(v is not None and v.name not in self.fused and v.name in self.live_values
                                   and x is not None and np.size(x) > 1, 1 + i)
                     for i, (v, x) in enumerate(zip(node.inputs, inputs))]
+        if ops.is_threshold(node) and np.size(inputs[1]) > 1:   # one t per channel (weight-aware): an MLD per group
+            operands[1] = dense.Operand(True, 2)
         size = int(np.size(result))
         per_token = max(1, size // tokens)
         if kind in dense.REDUCE:
