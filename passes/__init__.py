@@ -11,6 +11,7 @@ from sparsecc.passes.calibrate_thresholds import CalibrateThresholds
 from sparsecc.passes.compensate_lowrank import CompensateLowrank
 from sparsecc.passes.discover_sites import DiscoverSites
 from sparsecc.passes.fold_qdq import FoldQdq
+from sparsecc.passes.greedy_blocks import GreedyBlocks
 from sparsecc.passes.insert_thresholds import InsertThresholds
 from sparsecc.passes.quantize_activations import QuantizeActivations
 from sparsecc.passes.quantize_weights import QuantizeWeights
@@ -19,7 +20,7 @@ from sparsecc.passes.partition import Partition
 from sparsecc.passes.weight_scores import WeightScores
 
 BUILTIN: dict[str, type[Pass]] = {p.name: p for p in (DiscoverSites, FoldQdq, InsertThresholds, CalibrateThresholds, AllocateSparsity,
-                                              QuantizeWeights, QuantizeActivations, SequentialSearch, Partition,
+                                              QuantizeWeights, QuantizeActivations, SequentialSearch, Partition, GreedyBlocks,
                                               CompensateLowrank, WeightScores)}
 
 
