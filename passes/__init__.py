@@ -10,6 +10,7 @@ from sparsecc.passes.allocate_sparsity import AllocateSparsity
 from sparsecc.passes.calibrate_thresholds import CalibrateThresholds
 from sparsecc.passes.compensate_lowrank import CompensateLowrank
 from sparsecc.passes.discover_sites import DiscoverSites
+from sparsecc.passes.finetune_bands import FinetuneBands
 from sparsecc.passes.fold_qdq import FoldQdq
 from sparsecc.passes.greedy_blocks import GreedyBlocks
 from sparsecc.passes.insert_thresholds import InsertThresholds
@@ -21,7 +22,7 @@ from sparsecc.passes.weight_scores import WeightScores
 
 BUILTIN: dict[str, type[Pass]] = {p.name: p for p in (DiscoverSites, FoldQdq, InsertThresholds, CalibrateThresholds, AllocateSparsity,
                                               QuantizeWeights, QuantizeActivations, SequentialSearch, Partition, GreedyBlocks,
-                                              CompensateLowrank, WeightScores)}
+                                              CompensateLowrank, WeightScores, FinetuneBands)}
 
 
 def registry() -> dict[str, type[Pass]]:
