@@ -6,10 +6,10 @@ For each thresholded site y = Threshold(x) @ W:
     y' = y + (d @ B) @ A           W ~= B @ A, the rank-r truncated SVD of W as it multiplies x
 B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T: both factors of like magnitude (16-bit values on the
 chip), each singular direction's sign fixed so that the same weight always gives the same
-bytes. The factors do not depend on t:
-the pass runs after insert-thresholds and before the thresholds are calibrated or searched,
-which then pay for the compensation's MACs out of the model-wide budget (`sparsecc.compensation`:
-factor 1 costs the non-zeros of d x r, factor 2 r x out, dense).
+bytes. The factors do not depend on t: the pass runs after insert-thresholds and before the
+thresholds are calibrated or searched, which then pay for the compensation's MACs out of the
+model-wide budget (`sparsecc.compensation`: factor 1 costs the non-zeros of d x r, factor 2
+r x out, dense).
 
 With t = 0, d = 0 and the model computes what it did; with full rank (r = min(in, out)) it
 computes the dense model's output at any t. Heads are not compensated (they stay as they are).
@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sparsecc import ops
+from sparsecc.blas import one_thread
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
 from sparsecc.model_io import add_initializer
@@ -71,8 +72,9 @@ class CompensateLowrank(Pass):
             if np.any(th.inputs[1].const_value.numpy() != 0):   # (t may be one per channel)
                 calibrated.append(th.name)
             dropped = _dropped_part(graph, th, taken)
-            for site, node in chosen:
-                rows.append(self._compensate(graph, site, node, dropped, taken))
+            with one_thread():   # many small eigendecompositions: OpenBLAS threads only add waiting
+                for site, node in chosen:
+                    rows.append(self._compensate(graph, site, node, dropped, taken))
         report = {
             "changed": bool(rows), "rank": self.config.rank, "thresholds": thresholds, "sites": len(rows),
             "extra_macs_per_token": {"per_dropped_value": sum(r["macs_per_token"][0] for r in rows),
@@ -118,9 +120,9 @@ def lowrank_factors(w: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, f
     evenly (each factor carries sqrt of the singular values), float64.
 
     From the eigenvectors of the smaller Gram matrix (W W^T or W^T W) rather than an SVD:
-    several times faster (LAPACK's SVD crawls on a busy machine), and B A is the projection of W
-    onto r singular directions, so at full rank it is W to rounding however the small singular
-    values come out. Each direction's sign is fixed: its largest |entry| is positive."""
+    several times faster, and B A is the projection of W onto r singular directions, so at
+    full rank it is W to rounding however the small singular values come out. Each
+    direction's sign is fixed: its largest |entry| is positive."""
     left = w.shape[0] <= w.shape[1]
     gram = w @ w.T if left else w.T @ w
     values, vectors = np.linalg.eigh(gram)

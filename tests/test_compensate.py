@@ -336,3 +336,15 @@ def test_float16_model_gets_float16_factors():
     assert len(factors) == 2 and all(v.const_value.dtype == ir.DataType.FLOAT16 for v in factors)
     for got, ref in zip(first_output(model, feeds), first_output(dense, feeds)):   # full rank: the dense model
         np.testing.assert_allclose(got.astype(np.float32), ref.astype(np.float32), atol=0.02)
+
+
+def test_factorizations_run_blas_on_one_thread_and_restore_it():
+    from sparsecc.blas import _controls, one_thread
+
+    blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+    controls = _controls()
+    assert bool(controls) == ("openblas" in blas.lower())   # found wherever numpy uses OpenBLAS
+    before = [get() for get, _ in controls]
+    with one_thread():
+        assert all(get() == 1 for get, _ in controls)
+    assert [get() for get, _ in controls] == before
