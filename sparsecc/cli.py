@@ -102,7 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list passes, backends or targets")
     ls.add_argument("what", choices=["passes", "backends", "targets"])
-    for p in (c, e, sm, ls):
+
+    ex = sub.add_parser("export", help="export a PyTorch causal LM as a single-token step graph",
+                        description="Export MODEL (a transformers folder or a .gguf file; RWKV, Mamba, xLSTM or Llama) "
+                                    "as an ONNX step graph, input_ids + state -> logits + new state, and check it "
+                                    "against PyTorch; writes OUT/{model.onnx, report.json} (needs the export extra).")
+    ex.add_argument("model", help="transformers model folder (config.json + weights) or .gguf file")
+    ex.add_argument("-o", "--out", required=True, help="output folder (replaced atomically)")
+    ex.add_argument("--check-tokens", type=int, default=16, metavar="N",
+                    help="tokens the ONNX Runtime vs PyTorch check runs on, one at a time (default 16)")
+    ex.add_argument("--check-text", metavar="PATH", help="take them from the start of this text (default: random tokens)")
+    for p in (c, e, sm, ls, ex):
         _add_common(p)
     return parser
 
@@ -225,6 +235,19 @@ def _list(args) -> dict:
     return rows
 
 
+def _export(args) -> dict:
+    from sparsecc.export import export
+
+    report = export(args.model, args.out, check_tokens=args.check_tokens, text=args.check_text)
+    if not args.json:
+        check = report["check"]
+        growth = (f"+{report['state_bytes_per_token']} bytes per token" if report["state_grows"]
+                  else f"{report['state_bytes']} bytes, constant")
+        print(f"{report['arch']} step graph, {report['states']} states ({growth}); ONNX Runtime = PyTorch over "
+              f"{check['tokens']} tokens (max |diff| {check['max_abs_diff']:.2g}) -> {Path(args.out) / 'model.onnx'}")
+    return report
+
+
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so temporary folders are removed
 
@@ -235,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress.set_verbosity(0 if args.quiet or args.json else 1 + args.verbose)
     try:
-        result = {"compile": _compile, "eval": _eval, "simulate": _simulate, "list": _list}[args.command](args)
+        result = {"compile": _compile, "eval": _eval, "simulate": _simulate, "list": _list,
+                  "export": _export}[args.command](args)
     except SparseccError as exc:
         if args.verbose:
             raise
