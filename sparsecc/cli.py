@@ -66,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quant", choices=sorted(pipelines.QUANT), help="quantize weights first: w8 = int8 per output "
                    "channel, w4 = int4 in groups of 32 input channels (the quantize-weights pass); w8a8 = w8 and "
                    "int8 events (quantize-activations after the thresholds)")
+    s = c.add_argument_group("threshold search (see `sparsecc list passes -v` for each pass's options)")
+    s.add_argument("--search", choices=pipelines.SEARCHES, help="the pass that sets the thresholds (default "
+                   "calibrate-thresholds: one level for all); --sparsity and --refine go to it")
+    s.add_argument("--search-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the --search pass, e.g. loss_inc=1.0005 or bands=3 (repeatable)")
+    s.add_argument("--weight-scores", action="store_true", help="threshold |x| x weight-column norm (WINA; weight-scores)")
+    s.add_argument("--compensate-rank", type=int, metavar="R", help="send what each threshold drops through a "
+                   "rank-R factor of the weight (R-Sparse; compensate-lowrank); its MACs count in the target")
+    s.add_argument("--finetune-steps", type=int, metavar="N", help="then learn every threshold for N steps at the "
+                   "same model-wide sparsity (finetune-bands; needs torch)")
     c.add_argument("--dump-after", action="append", default=[], metavar="PASS",
                    help="write the IR as text after this pass (id or name) to OUT.dumps/")
     group = c.add_argument_group("pass options (from the passes' configs)")
@@ -122,6 +132,10 @@ def _compile(args) -> dict:
 
     flag_values = {f.name: getattr(args, f.name) for name in FLAG_PASSES for f in cfg.fields(registry.get(name).Config)}
     flag_values = {k: v for k, v in flag_values.items() if v is not None}
+    search_flags = {"search": args.search, "search_option": args.search_option or None,
+                    "weight_scores": args.weight_scores or None, "compensate_rank": args.compensate_rank,
+                    "finetune_steps": args.finetune_steps}
+    flag_values |= {k: v for k, v in search_flags.items() if v is not None}
     if args.pipeline:
         if args.quant:
             flag_values["quant"] = args.quant
@@ -137,9 +151,15 @@ def _compile(args) -> dict:
             options[name] = cfg.build(cls.Config, own, name)  # validates early, with the flag's name
         # no calibration data and no sparsity asked for: compile the model as it is (no thresholds)
         thresholds = args.data is not None or args.sparsity is not None
+        if args.search == "sequential-search" and args.sparsity is not None:
+            raise SparseccError("sequential-search has no sparsity target: its knob is loss_inc "
+                                "(--search-option loss_inc=1.0005); drop --sparsity")
         passes = pipelines.default_pipeline(**{**cfg.to_dict(options["insert-thresholds"]),
                                                **cfg.to_dict(options["calibrate-thresholds"])}, quant=args.quant,
-                                            thresholds=thresholds)
+                                            thresholds=thresholds, search=args.search or pipelines.SEARCHES[0],
+                                            search_options=_key_values(args.search_option, "--search-option"),
+                                            weight_scores=args.weight_scores, compensate_rank=args.compensate_rank or 0,
+                                            finetune_steps=args.finetune_steps or 0)
         data = {}
     data = {k: v for k, v in data.items() if v is not None}
     for key in pipelines.DATA_KEYS:  # flags override the pipeline file's data
@@ -154,12 +174,23 @@ def _compile(args) -> dict:
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
     result = compiler.compile_model(args.model, passes, source, out=args.out, target=args.target, data=data,
                                     cache_dir=cache, dump_after=tuple(args.dump_after))
-    calib = next((p["details"] for p in result.report["passes"] if p["pass"] == "calibrate-thresholds"), None)
-    if not args.json and calib:
-        print(f"{calib['mode']} target {calib['target']:.0%}: "
-              f"{len(calib['thresholds'])} thresholds, calibrated model-wide sparsity "
-              f"{calib['calibrated_model_sparsity']:.1%} -> {Path(args.out) / 'model.onnx'}")
+    setters = [p for p in result.report["passes"] if "calibrated_model_sparsity" in p["details"]]
+    if not args.json and setters:
+        last = setters[-1]
+        target = f"target {last['details']['target']:.0%}, " if "target" in last["details"] else ""
+        print(f"{last['pass']}: {target}calibrated model-wide sparsity "
+              f"{last['details']['calibrated_model_sparsity']:.1%} -> {Path(args.out) / 'model.onnx'}")
     return result.report
+
+
+def _key_values(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SparseccError(f"{flag} takes KEY=VALUE (got {item!r}), e.g. {flag} loss_inc=1.0005")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _eval(args) -> dict:

@@ -38,27 +38,64 @@ QUANT = {"w8": {"bits": 8}, "w4": {"bits": 4, "group": 32}, "w8a8": {"bits": 8}}
 EVENTS8 = {"w8a8"}
 
 
+# Passes that set the thresholds (--search); calibrate-thresholds is the default.
+SEARCHES = ("calibrate-thresholds", "allocate-sparsity", "greedy-blocks", "sequential-search")
+
+
 def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_consumer: bool = False,
                      include_head: bool = False, refine: int = 1, quant: str | None = None,
-                     thresholds: bool = True) -> list[Pass]:
+                     thresholds: bool = True, search: str = "calibrate-thresholds",
+                     search_options: dict[str, Any] | None = None, weight_scores: bool = False,
+                     compensate_rank: int = 0, finetune_steps: int = 0) -> list[Pass]:
     """The standard sparsification pipeline; with `quant` ("w8", "w4", "w8a8"), weights are
     quantized first, so thresholds are calibrated on the quantized model; "w8a8" then
     quantizes the sites' inputs to int8 (raising thresholds to the quantizer's zero band).
     `thresholds=False`: no thresholds (a model compiled as it is, e.g. a QDQ model for the
-    seneca backend)."""
+    seneca backend).
+
+    `search` names the pass that sets the thresholds (one of SEARCHES), with `sparsity` and
+    `refine` where it has them and `search_options` for the rest. `weight_scores` thresholds
+    on |x| x weight-column norm (weight-scores), `compensate_rank` > 0 adds low-rank
+    compensation (compensate-lowrank) and `finetune_steps` > 0 learns the bands afterwards
+    (finetune-bands)."""
     from sparsecc import passes
 
     if quant is not None and quant not in QUANT:
         raise SparseccError(f"unknown weight quantization {quant!r}; choose one of {', '.join(QUANT)}")
     if quant in EVENTS8 and not thresholds:
         raise SparseccError(f"--quant {quant} calibrates int8 events: pass --calib (text + --tokenizer, or an .npz)")
+    extras = weight_scores or compensate_rank or finetune_steps or search_options or search != SEARCHES[0]
+    if extras and not thresholds:
+        raise SparseccError("a threshold search, weight scores, compensation or fine-tuning needs calibration "
+                            "data: pass --calib (text + --tokenizer, or an .npz)")
+    steps = [
+        *([passes.get("weight-scores")()] if weight_scores else []),
+        *([passes.get("compensate-lowrank")(rank=compensate_rank)] if compensate_rank else []),
+        _search(search, sparsity, mode, refine, search_options or {}),
+        *([passes.get("finetune-bands")(steps=finetune_steps)] if finetune_steps else []),
+    ] if thresholds else []
     return [
         passes.get("discover-sites")(),
         *([passes.get("quantize-weights")(**QUANT[quant])] if quant else []),
-        *([passes.get("insert-thresholds")(per_consumer=per_consumer, include_head=include_head),
-           passes.get("calibrate-thresholds")(sparsity=sparsity, mode=mode, refine=refine)] if thresholds else []),
+        *([passes.get("insert-thresholds")(per_consumer=per_consumer, include_head=include_head)] if thresholds else []),
+        *steps,
         *([passes.get("quantize-activations")()] if quant in EVENTS8 else []),
     ]
+
+
+def _search(name: str, sparsity: float, mode: str, refine: int, options: dict[str, Any]) -> Pass:
+    """The threshold-setting pass `name`, given the target and refinement where it takes them."""
+    from sparsecc import passes
+
+    if name not in SEARCHES:
+        raise SparseccError(f"unknown search {name!r}; choose one of {', '.join(SEARCHES)}")
+    cls = passes.get(name)
+    known = {f.name for f in cfg.fields(cls.Config)}
+    if mode != "mac-weighted" and "mode" not in known:
+        raise SparseccError(f"--mode {mode} applies to calibrate-thresholds only; {name} meets a model-wide target")
+    given = {"sparsity": sparsity, "refine": refine, "mode": mode}
+    values = {k: v for k, v in given.items() if k in known} | options
+    return cls(cfg.build(cls.Config, values, name))
 
 
 def from_spec(spec: Any, where: str = "pipeline") -> tuple[list[Pass], dict[str, Any]]:

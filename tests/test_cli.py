@@ -182,3 +182,40 @@ def test_quant_conflicts_with_pipeline(mlp_path, tmp_path, capsys):
     assert cli.main(["compile", str(mlp_path), "--pipeline", str(tmp_path / "p.yaml"), "--quant", "w8",
                      "-o", str(tmp_path / "o")]) == 2
     assert "--quant conflicts with --pipeline" in capsys.readouterr().err
+
+
+def test_search_flags_compose_the_pipeline(mlp_path, mlp_npz, tmp_path, capsys):
+    """--search picks the pass that sets the thresholds (with --sparsity and --search-option);
+    --weight-scores and --compensate-rank go before it; the run meets its target."""
+    out = tmp_path / "s"
+    assert cli.main(["compile", str(mlp_path), "--calib", str(mlp_npz), "--sparsity", "0.4", "--search",
+                     "allocate-sparsity", "--search-option", "windows=2", "--search-option", "step=0.1",
+                     "--weight-scores", "--compensate-rank", "2", "-o", str(out), "--no-cache"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [p["pass"] for p in report["passes"]] == ["discover-sites", "insert-thresholds", "weight-scores",
+                                                     "compensate-lowrank", "allocate-sparsity"]
+    search = report["passes"][4]
+    assert search["config"]["windows"] == 2 and search["config"]["step"] == 0.1 and search["config"]["sparsity"] == 0.4
+    assert abs(search["details"]["calibrated_model_sparsity"] - 0.4) < 0.01
+    assert "allocate-sparsity: target 40%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, mention", [
+    (["--search", "sequential-search", "--sparsity", "0.5"], "sequential-search has no sparsity target"),
+    (["--search-option", "loss_inc"], "--search-option takes KEY=VALUE"),
+    (["--search-option", "loss_inc=1.01"], "calibrate-thresholds: unknown option 'loss_inc'"),
+    (["--search", "greedy-blocks", "--mode", "uniform"], "--mode uniform applies to calibrate-thresholds only"),
+    (["--search", "allocate-sparsity", "--search-option", "bands=0"], "bands and windows must be at least 1"),
+])
+def test_search_flag_errors(mlp_path, mlp_npz, tmp_path, capsys, extra, mention):
+    assert cli.main(["compile", str(mlp_path), "--calib", str(mlp_npz), "-o", str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and mention in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_search_flags_conflict_with_pipeline(mlp_path, tmp_path, capsys):
+    (tmp_path / "p.yaml").write_text("passes: [discover-sites]\n")
+    assert cli.main(["compile", str(mlp_path), "--pipeline", str(tmp_path / "p.yaml"), "--finetune-steps", "3",
+                     "-o", str(tmp_path / "o")]) == 2
+    assert "--finetune-steps conflicts with --pipeline" in capsys.readouterr().err
