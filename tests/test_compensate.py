@@ -338,13 +338,22 @@ def test_float16_model_gets_float16_factors():
         np.testing.assert_allclose(got.astype(np.float32), ref.astype(np.float32), atol=0.02)
 
 
-def test_factorizations_run_blas_on_one_thread_and_restore_it():
-    from sparsecc.blas import _controls, one_thread
+def test_factorizations_run_blas_on_one_thread_and_restore_it(monkeypatch):
+    """Many small eigendecompositions on busy cores: BLAS on one thread while factoring, restored after."""
+    from threadpoolctl import threadpool_info
 
-    blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
-    controls = _controls()
-    assert bool(controls) == ("openblas" in blas.lower())   # found wherever numpy uses OpenBLAS
-    before = [get() for get, _ in controls]
-    with one_thread():
-        assert all(get() == 1 for get, _ in controls)
-    assert [get() for get, _ in controls] == before
+    import sparsecc.passes.compensate_lowrank as module
+
+    seen = []
+    real = np.linalg.eigh
+
+    def spy(a, *args, **kwargs):
+        seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return real(a, *args, **kwargs)
+
+    before = [i["num_threads"] for i in threadpool_info()]
+    monkeypatch.setattr(module.np.linalg, "eigh", spy)
+    weight = np.random.default_rng(0).standard_normal((24, 16)).astype(np.float32)
+    module.lowrank_factors(weight, 4)
+    assert seen and all(threads == {1} for threads in seen)
+    assert [i["num_threads"] for i in threadpool_info()] == before
