@@ -40,6 +40,7 @@ from sparsecc.config import option
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, require, require_calibration
 from sparsecc.progress import bar, log
+from sparsecc.stepgraph import is_step_graph
 from sparsecc.threshold_search import Checkpoint, model_sparsity, role_label, thresholds_by_role
 
 INSTALL = "pip install -e '.[export]' (torch==2.13.0, the CPU build)"
@@ -89,6 +90,8 @@ class FinetuneBands(Pass):
     def check(self, model, ctx):
         import_torch()
         require_calibration(ctx, self.name)
+        require(not is_step_graph(model), "finetune-bands does not run on step graphs (its PyTorch evaluator runs window graphs); use "
+                "sequential-search or allocate-sparsity on this model")
         nodes = [n for n in model.graph if ops.is_threshold(n)]
         require(bool(nodes), "finetune-bands found no Threshold ops: run insert-thresholds and calibrate-thresholds "
                              "before it")

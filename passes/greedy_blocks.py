@@ -34,6 +34,7 @@ from sparsecc.config import option
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, require, require_calibration
 from sparsecc.progress import log
+from sparsecc.stepgraph import is_step_graph
 from sparsecc.threshold_search import (Checkpoint, dense_statistics, model_sparsity, role_label, settle,
                                       thresholds_by_role)
 
@@ -66,6 +67,8 @@ class GreedyBlocks(Pass):
 
     def check(self, model, ctx):
         require_calibration(ctx, self.name)
+        require(not is_step_graph(model), "greedy-blocks does not run on step graphs (it cuts blocks out of a window graph); use "
+                "sequential-search or allocate-sparsity on this model")
         require(any(ops.is_threshold(n) for n in model.graph),
                 "greedy-blocks found no Threshold ops: run insert-thresholds before it")
 

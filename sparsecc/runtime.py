@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from sparsecc.errors import SparseccError
 from sparsecc.model_io import save_model
+from sparsecc.stepgraph import METADATA_KEY, StepSession, parse_spec
 
 
 def session_options():
@@ -47,7 +48,8 @@ def saved_copy(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Iterator[l
 
 
 def load_session(path: Path, optimize: bool = True):
-    """An ONNX Runtime CPU session on a saved model, with a one-line error on failure. Without
+    """An ONNX Runtime CPU session on a saved model, with a one-line error on failure; for a
+    step graph, a `StepSession` that runs a window of tokens one by one. Without
     `optimize`, ORT runs the graph as written (its fusions can change numerics, e.g. the
     DequantizeLinear + MatMul fusion quantizes the activations)."""
     import onnxruntime as ort
@@ -56,10 +58,12 @@ def load_session(path: Path, optimize: bool = True):
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SparseccError(f"ONNX Runtime cannot load the model: {first}") from None
+    step = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    return StepSession(session, parse_spec(step)) if step is not None else session
 
 
 @contextlib.contextmanager

@@ -13,6 +13,10 @@ tokens without guessing from names:
 A state whose `grow_axis` is set (a Llama KV cache) starts empty (length 0 on that axis,
 `"past"` in `shape`) and grows by one per token; the others keep their shape.
 
+Every tool that feeds windows of tokens (calibration, searches, evaluation) runs a step
+graph through `StepSession`, which `sparsecc.runtime.load_session` returns for one: fed
+`input_ids` [1, T], it runs the T tokens one by one and returns every step's outputs.
+
 This module needs no torch: the exporters are in `sparsecc.export`.
 """
 from __future__ import annotations
@@ -76,6 +80,10 @@ class StepSpec:
         return total
 
 
+def is_step_graph(model: ir.Model) -> bool:
+    return METADATA_KEY in model.metadata_props
+
+
 def read_spec(model: ir.Model | str | Path) -> StepSpec:
     """The step-graph description stored in a model, or SparseccError when it has none."""
     if not isinstance(model, ir.Model):
@@ -86,6 +94,11 @@ def read_spec(model: ir.Model | str | Path) -> StepSpec:
     if text is None:
         raise SparseccError(f"the model has no {METADATA_KEY!r} metadata: it is not a step graph; "
                             "export one with `sparsecc export`")
+    return parse_spec(text)
+
+
+def parse_spec(text: str) -> StepSpec:
+    """A step-graph description from its metadata JSON."""
     data = json.loads(text)
     if data.get("schema") != SCHEMA:
         raise SparseccError(f"step-graph metadata has schema {data.get('schema')!r}, expected {SCHEMA!r}; re-export it")
@@ -97,15 +110,43 @@ def read_spec(model: ir.Model | str | Path) -> StepSpec:
     return StepSpec(data["arch"], tuple(states))
 
 
+class StepSession:
+    """An ONNX Runtime session on a step graph that reads like one on a window graph. Fed
+    `input_ids` [1, T], `run` feeds the T tokens one at a time from the initial state, carrying
+    the state, and returns each asked-for output over all T steps: the logits as [1, T, vocab],
+    any other tensor stacked on a new leading axis [T, ...]. Other inputs (a search's
+    thresholds) go to every step unchanged; the state is neither an input nor an output here."""
+
+    def __init__(self, session, spec: StepSpec):
+        self.session, self.spec = session, spec
+        self.state_inputs = {state_input(i) for i in range(len(spec.states))}
+        self.state_outputs = [state_output(i) for i in range(len(spec.states))]
+
+    def get_inputs(self):
+        return [i for i in self.session.get_inputs() if i.name not in self.state_inputs]
+
+    def get_outputs(self):
+        return [o for o in self.session.get_outputs() if o.name not in self.state_outputs]
+
+    def run(self, output_names, feed: dict) -> list[np.ndarray]:
+        names = list(output_names or [o.name for o in self.get_outputs()])
+        ids = np.asarray(feed[TOKEN])
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise SparseccError(f"a step graph takes one sequence of tokens at a time: input_ids [1, T], got {list(ids.shape)}")
+        fixed = {k: v for k, v in feed.items() if k != TOKEN}
+        fetch = list(dict.fromkeys(names + self.state_outputs))
+        steps = {name: [] for name in names}
+        state = self.spec.initial_state()
+        for token in ids[0]:
+            values = dict(zip(fetch, self.session.run(fetch, {TOKEN: np.array([[token]], dtype=np.int64), **fixed, **state})))
+            for name in names:
+                steps[name].append(values[name])
+            state = {state_input(i): values[name] for i, name in enumerate(self.state_outputs)}
+        return [np.concatenate(steps[n], axis=1) if n == LOGITS else np.stack(steps[n]) for n in names]
+
+
 def run_tokens(session, spec: StepSpec, tokens: Iterable[int]) -> np.ndarray:
-    """Logits [T, vocab] of an ONNX Runtime session on a step graph, fed one token at a time
-    from the initial state, the state carried from step to step."""
-    state = spec.initial_state()
-    outputs = [LOGITS] + [state_output(i) for i in range(len(spec.states))]
-    logits = []
-    for token in tokens:
-        feeds = {TOKEN: np.array([[token]], dtype=np.int64), **state}
-        result = session.run(outputs, feeds)
-        logits.append(result[0].reshape(-1))
-        state = {state_input(i): value for i, value in enumerate(result[1:])}
-    return np.stack(logits)
+    """Logits [T, vocab] of a step graph fed `tokens` one at a time from the initial state."""
+    if not isinstance(session, StepSession):
+        session = StepSession(session, spec)
+    return session.run([LOGITS], {TOKEN: np.array([list(tokens)], dtype=np.int64)})[0][0]

@@ -17,12 +17,16 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCa
                           xLSTMConfig, xLSTMForCausalLM)
 
 from sparsecc import cli, passes
+from sparsecc.backends.ort import OrtBackend
+from sparsecc.data import as_feed_source
+from sparsecc.metrics import Perplexity
+from sparsecc.pass_manager import Context, PassManager
 from sparsecc.errors import SparseccError
 from sparsecc.export import check_parity, export_step_graph
 from sparsecc.model_io import load_model
 from sparsecc.runtime import load_session
 from sparsecc.sites import analyze, weight_array
-from sparsecc.stepgraph import METADATA_KEY, read_spec, run_tokens
+from sparsecc.stepgraph import METADATA_KEY, StepSession, read_spec, run_tokens
 from sparsecc.threshold_search import thresholds_by_role
 
 VOCAB = 96
@@ -81,6 +85,9 @@ def test_onnx_runtime_equals_pytorch_token_by_token(exported, arch):
     session = load_session(path)
     carried = run_tokens(session, spec, tokens)
     fresh = np.stack([run_tokens(session, spec, [t])[0] for t in tokens])
+    # a window fed whole to the session (as calibration and eval feed it) is the same token loop
+    window = session.run(["logits"], {"input_ids": np.array([tokens], dtype=np.int64)})[0]
+    assert window.shape == (1, len(tokens), VOCAB) and np.array_equal(window[0], carried)
     assert np.abs(carried[1:] - fresh[1:]).max() > 1e-2
 
 
@@ -100,7 +107,7 @@ def test_state_names_pairing_and_shapes(exported, arch):
     rows = json.loads(model.metadata_props[METADATA_KEY])["state"]
     assert [(r["input"], r["output"]) for r in rows] == list(zip(inputs[1:], outputs[1:]))
     # one step from the initial state: every new state has its recorded shape (one longer on a growing axis)
-    session = load_session(path)
+    session = load_session(path).session   # the ONNX Runtime session itself, state in and out
     state = spec.initial_state()
     result = session.run(outputs, {"input_ids": np.array([[3]], dtype=np.int64), **state})
     assert result[0].shape == (1, 1, VOCAB)
@@ -219,3 +226,56 @@ def test_cli_export_errors(tmp_path, capsys):
                      str(tmp_path), "--check-tokens", "4"]) == 2
     assert "tokenizer.json" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def windows(n=3, length=20, seed=2):
+    rng = np.random.default_rng(seed)
+    return [{"input_ids": rng.integers(0, VOCAB, (1, length)).astype(np.int64)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("arch", ["rwkv", "mamba"])
+def test_eval_runs_a_step_graph_token_by_token(exported, arch):
+    """The ort backend fed windows of tokens gives a step graph the PyTorch model's perplexity."""
+    lm, path = exported[arch]
+    assert isinstance(load_session(path), StepSession)
+    data = windows()
+    result = OrtBackend().evaluate(load_model(path), as_feed_source(data))
+    reference = Perplexity()
+    with torch.no_grad():
+        for feed in data:
+            ids = torch.from_numpy(feed["input_ids"])
+            reference.add(lm(input_ids=ids, use_cache=False).logits.numpy(), feed["input_ids"])
+    assert result["tokens"] == reference.tokens == 3 * 19
+    assert result["perplexity"] == pytest.approx(reference.value, rel=1e-4)
+    natural = [r["sparsity"] for r in result["sites"] if r["natural"]]
+    assert len(natural) == (LAYERS if arch == "rwkv" else 0) and all(0.2 < s < 0.9 for s in natural)
+
+
+def test_calibration_and_sequential_search_on_a_step_graph(exported):
+    """Thresholds calibrated on every token step meet their target when measured step by step;
+    the sequential search runs on the step graph and keeps the loss within its allowance."""
+    lm, path = exported["rwkv"]
+    data = as_feed_source(windows(4))
+    model = load_model(path)
+    PassManager([passes.get("insert-thresholds")(), passes.get("calibrate-thresholds")(sparsity=0.5, refine=1)]).run(
+        model, Context(calibration=data))
+    measured = OrtBackend().evaluate(model, data)["macs"]["body"]["sparsity"]
+    assert measured == pytest.approx(0.5, abs=0.02)
+
+    model = load_model(path)
+    reports = PassManager([passes.get("insert-thresholds")(),
+                           passes.get("sequential-search")(loss_inc=1.02, windows=2, refine=0)]).run(
+        model, Context(calibration=data))
+    details = reports[-1].details
+    assert details["calibrated_model_sparsity"] > 0.1 and details["loss"]["kind"] == "cross-entropy"
+    for step in details["history"]:   # every accepted threshold within its budget
+        assert step["loss"] <= step["budget"]
+    assert details["loss"]["searched"] <= details["loss"]["dense"] * 1.02 ** details["search"]["thresholds"]
+
+
+@pytest.mark.parametrize("search", ["greedy-blocks", "finetune-bands"])
+def test_window_only_searches_decline_step_graphs(exported, search):
+    model = load_model(exported["rwkv"][1])
+    passes.get("insert-thresholds")().run(model, None)
+    with pytest.raises(SparseccError, match=f"{search} does not run on step graphs .* use sequential-search"):
+        passes.get(search)().check(model, Context(calibration=as_feed_source(windows(1))))
