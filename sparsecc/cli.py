@@ -122,7 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--check-tokens", type=int, default=16, metavar="N",
                     help="tokens the ONNX Runtime vs PyTorch check runs on, one at a time (default 16)")
     ex.add_argument("--check-text", metavar="PATH", help="take them from the start of this text (default: random tokens)")
-    for p in (c, e, sm, ls, ex):
+    ins = sub.add_parser("inspect", help="sites, shapes, thresholds and placement of a model or a compile output",
+                         description="Show what PATH holds without running it: every linear site (layer, shape, MACs "
+                                     "per token, group, threshold and its t), and for a compile output folder the "
+                                     "calibrated sparsity per threshold (report.json) and the cores of each site "
+                                     "(placement.json). One `kind key=value` record per line; --json for one document.")
+    ins.add_argument("path", help="an .onnx model, or the -o folder of `sparsecc compile`")
+    for p in (c, e, sm, ls, ex, ins):
         _add_common(p)
     return parser
 
@@ -279,6 +285,15 @@ def _export(args) -> dict:
     return report
 
 
+def _inspect(args) -> dict:
+    from sparsecc.inspection import inspect_path, to_text
+
+    doc = inspect_path(args.path)
+    if not args.json:
+        sys.stdout.write(to_text(doc))
+    return doc
+
+
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so temporary folders are removed
 
@@ -290,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     progress.set_verbosity(0 if args.quiet or args.json else 1 + args.verbose)
     try:
         result = {"compile": _compile, "eval": _eval, "simulate": _simulate, "list": _list,
-                  "export": _export}[args.command](args)
+                  "export": _export, "inspect": _inspect}[args.command](args)
     except SparseccError as exc:
         if args.verbose:
             raise
