@@ -26,6 +26,13 @@ attention product (activation x activation MatMul) keeps its non-query operand f
 `max_context` positions: max_context x (that operand's elements per position, as stored
 before head-repeating Expands) x 2 bytes. Nodes on a weight's path (Transpose, Cast,
 DequantizeLinear) are folded into its tiles.
+
+Step graphs (sparsecc.stepgraph): each state lives on the core of the node that writes
+`new_state.i` (its readers on other cores get it as events), in 16-bit words like every
+other activation (not the exported float32): its elements at position 0, plus for a growing
+KV cache room for `max_context` positions. The cache is the state, so attention products of
+a step graph keep nothing of their own. A state that does not fit its core is refused,
+naming the core; the report says up to which context each growing state fits.
 """
 from __future__ import annotations
 
@@ -39,8 +46,9 @@ import onnx_ir as ir
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, require
-from sparsecc.placement import CATEGORIES, METADATA_KEY, Mesh, Placement, Tile
+from sparsecc.placement import CATEGORIES, METADATA_KEY, STEP_STATE, Mesh, Placement, ResidentState, Tile
 from sparsecc.sites import analyze, const_root, int8_weight
+from sparsecc.stepgraph import is_step_graph, read_spec, state_input, state_output
 from sparsecc.target import Target, builtin, load_target
 
 WORD = 2          # bytes of a 16-bit activation, accumulator or constant
@@ -60,7 +68,8 @@ class PartitionConfig:
     target: str = option("seneca", "hardware target: a built-in name (`sparsecc list targets`) or a target TOML file")
     weight_bits: int = option(16, "bits per stored weight of float sites: 16, or 8 to size them as packed INT8 "
                                   "(sites with int8 weights always take 8)")
-    max_context: int = option(256, "positions of attention state (K/V) kept resident per attention product")
+    max_context: int = option(256, "positions of attention state (K/V) kept resident per attention product "
+                                   "(a step graph's growing KV cache: positions of room reserved on its core)")
     headroom: float = option(0.9, "fraction of each core's data memory the model may use; the rest is for "
                                   "event queues and the stack")
 
@@ -92,13 +101,19 @@ class Partition(Pass):
         capacity = int(c.headroom * target["core"]["data_memory_bytes"])
         graph, unit = model.graph, c.weight_bits // 8
         found = _find_tiled(graph)
-        memory = {node.name: _op_memory(node, found, c.max_context) for node in graph if found.is_op(node.name)}
-        _check_fits(found, memory, unit, mesh, capacity, target, c)
+        step = is_step_graph(model)
+        memory = {node.name: _op_memory(node, found, 0 if step else c.max_context)
+                  for node in graph if found.is_op(node.name)}
+        states = _states(model, c.max_context) if step else []
+        state_load: dict[str, int] = {}
+        for s in states:
+            state_load[s.writer] = state_load.get(s.writer, 0) + s.reserved
+        _check_fits(found, memory, unit, mesh, capacity, target, c, sum(state_load.values()))
         cuts = {name: _site_cuts(k, n, 1 if name in found.int8 else unit, capacity, bias, name in found.int8)
                 for name, (k, n, bias) in found.sites.items()}
         cuts |= {name: _table_cuts(rows, width, unit, capacity)
                  for name, (rows, width) in found.tables.items() if name not in found.tied}
-        parts, homes, op_part = _pack(graph, cuts, memory, capacity)
+        parts, homes, op_part = _pack(graph, cuts, memory, capacity, state_load)
         if len(parts) > mesh.cores:
             need = sum(sum(p.load.values()) for p in parts)
             short = len(parts) - mesh.cores
@@ -117,7 +132,13 @@ class Partition(Pass):
             tiles=[Tile(node.name, cores[part], cut.k, cut.n, cut.weight_bytes, cut.state_bytes)
                    for node in graph if node.name in homes for cut, part in homes[node.name]],
             ops={name: cores[part] for name, part in op_part.items()},
-            memory={cores[i]: dict(p.load) for i, p in enumerate(parts)})
+            memory={cores[i]: dict(p.load) for i, p in enumerate(parts)},
+            states=tuple(ResidentState(s.input, s.output, s.role,
+                                       cores[op_part[s.writer]] if s.writer in op_part else cores[homes[s.writer][0][1]],
+                                       s.bytes, s.per_position, c.max_context if s.per_position else 0)
+                         for s in states),
+            usable_bytes=capacity if states else 0)
+        _check_states(placement, capacity, c)
         on = placement.node_cores()
         for node in graph:
             node.metadata_props["sparsecc.cores"] = ",".join(map(str, on[node.name]))
@@ -249,6 +270,49 @@ def _op_memory(node: ir.Node, found: _Tiled, max_context: int) -> tuple[int, dic
     return kv, constants
 
 
+@dataclasses.dataclass(frozen=True)
+class _State:
+    input: str
+    output: str
+    role: str
+    writer: str          # the node that writes new_state.i: the state lives on its core
+    bytes: int           # at position 0
+    per_position: int    # bytes added per token (a KV cache)
+    reserved: int        # bytes the writer's core holds for it
+
+
+def _states(model: ir.Model, max_context: int) -> list[_State]:
+    """A step graph's states, in 16-bit words, each with the node that writes it."""
+    spec = read_spec(model)
+    writers = {v.name: node.name for node in model.graph for v in node.outputs}
+    out = []
+    for i, s in enumerate(spec.states):
+        writer = writers.get(state_output(i))
+        if writer is None:
+            raise SparseccError(f"step graph output {state_output(i)} is not written by any node; re-export the model")
+        fixed = math.prod(0 if d == "past" else int(d) for d in s.shape) * WORD
+        per_position = math.prod(int(d) for d in s.shape if d != "past") * WORD if s.grow_axis is not None else 0
+        out.append(_State(state_input(i), state_output(i), s.role, writer, fixed, per_position,
+                          fixed + per_position * max_context))
+    return out
+
+
+def _check_states(placement: Placement, capacity: int, config: PartitionConfig) -> None:
+    """Every core holding state within its usable memory, else a one-line error naming it."""
+    totals = placement.core_bytes()
+    for s in placement.states:
+        if totals[s.core] <= capacity:
+            continue
+        x, y = placement.core_xy(s.core)
+        held = s.bytes + s.bytes_per_position * s.reserved_positions
+        grows = f" (room for {s.reserved_positions} positions)" if s.bytes_per_position else ""
+        fix = "raise core.data_memory_bytes in the target file (a target with bigger cores)"
+        if s.bytes_per_position:
+            fix += f" or compile with a max_context below {config.max_context}"
+        raise SparseccError(f"state {s.input} ({s.role}, {_size(held)}{grows}) does not fit core {s.core} "
+                            f"(x={x}, y={y}): it would hold {_size(totals[s.core])} of {_size(capacity)} usable: {fix}")
+
+
 def _size(size: int) -> str:
     return f"{size / MIB:.1f} MiB" if size >= MIB else f"{size / 1024:.1f} KiB"
 
@@ -264,14 +328,14 @@ def _fix(config: PartitionConfig, kv_would_do: bool = False) -> str:
 
 
 def _check_fits(found: _Tiled, memory: dict[str, tuple[int, dict[str, int]]], unit: int, mesh: Mesh,
-                capacity: int, target: Target, config: PartitionConfig) -> None:
+                capacity: int, target: Target, config: PartitionConfig, state: int = 0) -> None:
     """Before cutting anything: weights, accumulators, KV state and (once each) constants
     against the whole mesh; then every node's own memory against one core."""
     need = sum(k * n * unit + n * WORD for k, n, _ in found.sites.values())
     need += sum(r * w * unit for name, (r, w) in found.tables.items() if name not in found.tied)
     constants = {name: size for _, own in memory.values() for name, size in own.items()}
     kv = sum(kv for kv, _ in memory.values())
-    need += kv + sum(constants.values())
+    need += kv + sum(constants.values()) + state
     usable = mesh.cores * capacity
     if need > usable:
         raise SparseccError(f"model needs {_size(need)} of data memory, target {target.name!r} has "
@@ -344,10 +408,13 @@ class _Part:
 
 
 def _pack(graph: ir.Graph, cuts: dict[str, list[_Cut]], memory: dict[str, tuple[int, dict[str, int]]],
-          capacity: int) -> tuple[list[_Part], dict[str, list[tuple[_Cut, int]]], dict[str, int]]:
+          capacity: int, state_load: dict[str, int] | None = None
+          ) -> tuple[list[_Part], dict[str, list[tuple[_Cut, int]]], dict[str, int]]:
     """Next-fit in topological order: each tile or node joins the newest partition when it has
     room, else opens one. Returns the partitions, each tiled node's [(tile, partition)] and
-    each other node's partition (tied Gathers and weight-path nodes come later)."""
+    each other node's partition (tied Gathers and weight-path nodes come later). A step
+    graph's state goes with the node that writes it (`state_load`: node -> bytes)."""
+    state_load = state_load or {}
     parts: list[_Part] = []
 
     def fit(load: dict[str, int], constants: dict[str, int]) -> int:
@@ -357,7 +424,7 @@ def _pack(graph: ir.Graph, cuts: dict[str, list[_Cut]], memory: dict[str, tuple[
             fresh = constants
         part = parts[-1]
         for category, size in load.items():
-            part.load[category] += size
+            part.load[category] = part.load.get(category, 0) + size
         part.load["constants"] += sum(fresh.values())
         part.constants.update(fresh)
         return len(parts) - 1
@@ -365,12 +432,14 @@ def _pack(graph: ir.Graph, cuts: dict[str, list[_Cut]], memory: dict[str, tuple[
     homes: dict[str, list[tuple[_Cut, int]]] = {}
     op_part: dict[str, int] = {}
     for node in graph:
-        if node.name in cuts:
-            homes[node.name] = [(cut, fit({"weights": cut.weight_bytes, "states": cut.state_bytes}, {}))
-                                for cut in cuts[node.name]]
+        state = {STEP_STATE: state_load[node.name]} if node.name in state_load else {}
+        if node.name in cuts:   # a state written by a tiled node sits with its first tile
+            homes[node.name] = [(cut, fit({"weights": cut.weight_bytes, "states": cut.state_bytes} | (state if i == 0 else {}),
+                                          {}))
+                                for i, cut in enumerate(cuts[node.name])]
         elif node.name in memory:
             kv, constants = memory[node.name]
-            op_part[node.name] = fit({"kv": kv}, constants)
+            op_part[node.name] = fit({"kv": kv} | state, constants)
     return parts, homes, op_part
 
 
@@ -491,9 +560,10 @@ def _report(placement: Placement, target: Target, capacity: int, found: _Tiled, 
             per_site[tile.owner] = per_site.get(tile.owner, 0) + 1
             if tile.k[1] - tile.k[0] < found.sites[tile.owner][0]:
                 split_k.add(tile.owner)
-    memory = {c: sum(m[c] for m in placement.memory.values()) for c in CATEGORIES}
+    categories = CATEGORIES + ((STEP_STATE,) if placement.states else ())
+    memory = {c: sum(m.get(c, 0) for m in placement.memory.values()) for c in categories}
     unit = placement.weight_bits // 8
-    return {
+    return ({"step_state": _state_report(placement)} if placement.states else {}) | {
         "changed": True,
         "target": placement.target,
         "cores_used": len(placement.cores_used),
@@ -515,3 +585,15 @@ def _report(placement: Placement, target: Target, capacity: int, found: _Tiled, 
         "tied_weights": [{"gather": gather, "site": site, "bytes_saved": math.prod(found.tables[gather]) * unit}
                          for gather, site in found.tied.items()],
     }
+
+
+def _state_report(placement: Placement) -> dict:
+    """Where a step graph's state lives and how far a growing one fits."""
+    fits = placement.fits_up_to()
+    growing = [n for n in fits.values() if n is not None]
+    return {"states": len(placement.states), "cores": sorted(fits),
+            "bytes_at_start": sum(s.bytes for s in placement.states),
+            "bytes_per_position": sum(s.bytes_per_position for s in placement.states),
+            "reserved_positions": max((s.reserved_positions for s in placement.states), default=0),
+            "fits_up_to_context": min(growing) if growing else None,
+            "word_bytes": WORD}

@@ -9,6 +9,10 @@ input: K = table rows (token ids), N = the row's width. Every other node runs on
 Cores are numbered row-major, core = row * cols + col; x is the column, y the row. The NoC
 routes XY (along the row first, then along the column), so a message takes Manhattan hops and
 a multicast from one core follows a tree of those paths.
+
+A step graph (sparsecc.stepgraph) carries its recurrent state between tokens: each state
+lives in the data memory of one core, the core of the node that writes `new_state.i`
+(`ResidentState`); its bytes are the core's `step_state` memory.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from sparsecc.errors import SparseccError
 SCHEMA = "sparsecc.placement/1"
 METADATA_KEY = "sparsecc.placement"   # the model metadata entry holding the placement JSON
 CATEGORIES = ("weights", "states", "constants", "kv")  # what a core's data memory holds
+STEP_STATE = "step_state"   # a step graph's recurrent state (and decode KV cache), resident between tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +35,23 @@ class Tile:
     n: tuple[int, int]       # output neurons [n0, n1)
     weight_bytes: int        # bytes this tile adds to its core: 0 when it shares another tile's (tied weights)
     state_bytes: int         # accumulators, + outgoing partial sums when the site is split by k
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidentState:
+    """One state of a step graph, resident in its core's data memory between tokens."""
+
+    input: str                  # state.i
+    output: str                 # new_state.i
+    role: str
+    core: int                   # the core of the node that writes new_state.i
+    bytes: int                  # at position 0 (before the first token), 16-bit words
+    bytes_per_position: int     # added per token (a KV cache), else 0
+    reserved_positions: int     # positions of growth the core's memory holds room for (0 when it does not grow)
+
+    def bytes_at(self, past: int) -> int:
+        """Bytes after `past` tokens."""
+        return self.bytes + self.bytes_per_position * past
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +98,9 @@ class Placement:
     weight_bits: int
     tiles: list[Tile]
     ops: dict[str, int]                  # every node that is not tiled -> its core
-    memory: dict[int, dict[str, int]]    # every used core -> bytes by category (CATEGORIES)
+    memory: dict[int, dict[str, int]]    # every used core -> bytes by category (CATEGORIES, + STEP_STATE)
+    states: tuple[ResidentState, ...] = ()   # a step graph's states, in state order
+    usable_bytes: int = 0                # per core, for the model (the partition's headroom); with states only
 
     @property
     def mesh(self) -> Mesh:
@@ -103,15 +127,41 @@ class Placement:
             found.setdefault(tile.owner, set()).add(tile.core)
         return {name: sorted(cores) for name, cores in found.items()}
 
+    def state_bytes(self, past: int = 0) -> dict[int, int]:
+        """Every core holding state -> its state bytes after `past` tokens."""
+        out: dict[int, int] = {}
+        for s in self.states:
+            out[s.core] = out.get(s.core, 0) + s.bytes_at(past)
+        return out
+
+    def fits_up_to(self) -> dict[int, int | None]:
+        """Every core holding state -> the longest context its state fits in (its other
+        contents and the usable bytes as placed); None where the state does not grow."""
+        out: dict[int, int | None] = {}
+        for core in sorted({s.core for s in self.states}):
+            mine = [s for s in self.states if s.core == core]
+            per_position = sum(s.bytes_per_position for s in mine)
+            if per_position == 0:
+                out[core] = None
+                continue
+            others = sum(v for c, v in self.memory.get(core, {}).items() if c != STEP_STATE)
+            room = self.usable_bytes - others - sum(s.bytes for s in mine)
+            out[core] = max(-1, room // per_position)   # -1: not even position 0 fits
+        return out
+
     def to_json(self) -> str:
         """Compact JSON with every mapping in sorted order: the same placement gives the same bytes."""
+        categories = CATEGORIES + ((STEP_STATE,) if self.states else ())
         doc = {
             "schema": SCHEMA, "target": self.target, "rows": self.rows, "cols": self.cols,
             "weight_bits": self.weight_bits,
             "tiles": [dataclasses.asdict(t) for t in self.tiles],
             "ops": {name: self.ops[name] for name in sorted(self.ops)},
-            "memory": {str(core): {c: self.memory[core].get(c, 0) for c in CATEGORIES} for core in sorted(self.memory)},
+            "memory": {str(core): {c: self.memory[core].get(c, 0) for c in categories} for core in sorted(self.memory)},
         }
+        if self.states:   # step graphs only: a window graph's placement keeps its bytes
+            doc["states"] = [dataclasses.asdict(s) for s in self.states]
+            doc["usable_bytes"] = self.usable_bytes
         return json.dumps(doc, separators=(",", ":"))
 
     @classmethod
@@ -131,4 +181,5 @@ class Placement:
         tiles = [Tile(t["owner"], t["core"], tuple(t["k"]), tuple(t["n"]), t["weight_bytes"], t["state_bytes"])
                  for t in doc["tiles"]]
         return cls(doc["target"], doc["rows"], doc["cols"], doc["weight_bits"], tiles, dict(doc["ops"]),
-                   {int(core): dict(m) for core, m in doc["memory"].items()})
+                   {int(core): dict(m) for core, m in doc["memory"].items()},
+                   tuple(ResidentState(**s) for s in doc.get("states", ())), doc.get("usable_bytes", 0))
