@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--tokens", type=int, default=64, metavar="N", help="tokens per window, BOS included (default 64)")
     sm.add_argument("--windows", type=int, default=1, metavar="N", help="windows spread over the text (default 1)")
     sm.add_argument("--no-compare", action="store_true", help="skip the check against the ort backend")
+    sm.add_argument("--positions", type=int, nargs="+", metavar="P",
+                    help="step graphs: also the per-token cost at these context positions (state brought to P "
+                         "with ONNX Runtime on the text's first tokens, then simulated)")
+    sm.add_argument("--position-tokens", type=int, default=2, metavar="N",
+                    help="tokens simulated at each of --positions (default 2)")
     sm.add_argument("-o", "--out", help="report folder (default DIR/simulation; replaced atomically)")
 
     ls = sub.add_parser("list", help="list passes, backends or targets")
@@ -233,8 +238,15 @@ def _simulate(args) -> dict:
     out = Path(args.out) if args.out else folder / "simulation"
     check_output_dir(out)
     saved = compiler.compiled_config(folder / "model.onnx").get("data", {})
-    source = compiler.data_source(args.data, args.tokenizer or saved.get("tokenizer"), args.tokens, args.windows)
-    result = simulate(folder, source, compare=not args.no_compare)
+    tokenizer = args.tokenizer or saved.get("tokenizer")
+    source = compiler.data_source(args.data, tokenizer, args.tokens, args.windows)
+    positions = tuple(args.positions or ())
+    if positions and (min(positions) < 0 or args.position_tokens < 1):
+        raise SparseccError("--positions must be 0 or more and --position-tokens at least 1")
+    # one window long enough to reach the last position (BOS included)
+    at = compiler.data_source(args.data, tokenizer, max(positions) + args.position_tokens, 1) if positions else None
+    result = simulate(folder, source, compare=not args.no_compare, positions=positions, position_source=at,
+                      position_tokens=args.position_tokens)
     speed = result.pop("speed")  # wall times: timings.json, so the reports stay byte-identical
     with atomic_dir(out) as tmp:
         (tmp / "report.md").write_text(reports.simulation_markdown(result), encoding="utf-8")

@@ -111,6 +111,18 @@ def simulation_summary(report: dict, speed: dict | None = None) -> str:
                      f"{p['threshold_decisions']}, all within {p['largest_relative_margin_at_difference']:.2%} of t"
                      + (f"; own int8 values differing {p['quantized_differing']} of {p['quantized_values']}, by at most "
                         f"{p['largest_step_difference']} step(s)" if "quantized_values" in p else ""))
+    if "state" in report:   # a step graph: its resident state
+        st = report["state"]
+        growth = (f"+{st['bytes_per_position']:,} bytes per position, fits up to context {st['fits_up_to_context']}"
+                  if st["grows"] else "constant")
+        lines.append(f"state resident in {len(st['per_core'])} cores: "
+                     f"{st['by_context'][str(st['run_positions'])]['resident_bytes']:,} bytes after {st['run_positions']} "
+                     f"tokens ({growth})")
+    for row in report.get("positions", []):
+        lines.append(f"at position {row['position']} (state warmed with {row['state_warmed_with']}, {row['tokens']} "
+                     f"simulated): {row['sparse']['energy_pj_per_token']['total'] / 1e6:.3f} uJ/token sparse vs "
+                     f"{row['dense']['energy_pj_per_token']['total'] / 1e6:.3f} dense, "
+                     f"{row['sparse']['latency_cycles_per_token']:,.0f} vs {row['dense']['latency_cycles_per_token']:,.0f} cycles")
     if speed and "ort_tokens_per_s" in speed:
         sp = speed
         lines.append(f"speed: {sp['simulated_tokens_per_s']:.1f} simulated tokens/s, ORT {sp['ort_tokens_per_s']:.1f} "
@@ -137,4 +149,36 @@ def simulation_markdown(report: dict) -> str:
     for name, row in s["per_layer"].items():
         out.append(f"| {name} | " + " | ".join(f"{row.get(k, 0.0):,.0f}" for k in ("npe", "memory", "controller", "noc", "total")) + " |")
     out += ["", f"Per-core figures for all {len(s['per_core'])} cores are in report.json."]
+    if "state" in report:
+        out += _state_markdown(report)
     return "\n".join(out) + "\n"
+
+
+def _state_markdown(report: dict) -> list[str]:
+    """A step graph's resident state, and the per-token cost at context positions."""
+    st = report["state"]
+    out = ["", "## State (step graph, resident in core data memory)", "",
+           f"{st['format']}; each state on the core that writes it.", "",
+           "| core | states | bytes at start | bytes at end | other bytes | fits | fits up to context |", "|---|---|---|---|---|---|---|"]
+    for core, row in st["per_core"].items():
+        out.append(f"| {core} | {len(row['states'])} | {row['start_bytes']:,} | {row['end_bytes']:,} | {row['other_bytes']:,} "
+                   f"| {'yes' if row['fits_at_end'] else 'no'} | {row['fits_up_to_context'] if row['fits_up_to_context'] is not None else 'any (fixed size)'} |")
+    out += ["", "| role | states | bytes at start | bytes at end |", "|---|---|---|---|"]
+    for role, row in st["per_role"].items():
+        out.append(f"| {role} | {row['states']} | {row['start_bytes']:,} | {row['end_bytes']:,} |")
+    out += ["", "| context | resident bytes | as exported | fits every core |", "|---|---|---|---|"]
+    for context, row in st["by_context"].items():
+        out.append(f"| {context} | {row['resident_bytes']:,} | {row['exported_bytes']:,} | "
+                   f"{'yes' if row['fits'] else 'no: cores ' + ', '.join(map(str, row['cores_over']))} |")
+    if report.get("positions"):
+        out += ["", "## Per-token cost at context positions", "",
+                "The state is brought to each position with ONNX Runtime on the same compiled graph (the dense "
+                "baseline's with every threshold at 0), then the next tokens are simulated.", "",
+                "| position | tokens | energy sparse (pJ/token) | energy dense | latency sparse (cycles) | latency dense "
+                "| state bytes | argmax vs ort |", "|---|---|---|---|---|---|---|---|"]
+        for row in report["positions"]:
+            sp, de = row["sparse"], row["dense"]
+            out.append(f"| {row['position']} | {row['tokens']} | {sp['energy_pj_per_token']['total']:,.0f} | "
+                       f"{de['energy_pj_per_token']['total']:,.0f} | {sp['latency_cycles_per_token']:,.0f} | "
+                       f"{de['latency_cycles_per_token']:,.0f} | {row['state_bytes']:,} | {_pct(row['vs_ort']['argmax_agreement'])} |")
+    return out

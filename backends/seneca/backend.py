@@ -7,7 +7,7 @@
     program.bin             every handler assembled to 32-bit words, core by core
     manifest.json           where each core's handlers lie in program.bin (word offsets)
 Dense handlers' loop counts depend on the attention context; the listings show them for a
-window of `LISTING_TOKENS` tokens.
+window of `LISTING_TOKENS` tokens (a step graph: one token, a KV cache of that many positions).
 """
 from __future__ import annotations
 
@@ -86,28 +86,37 @@ def check_compiled(out_dir: Path) -> None:
                                 "`sparsecc compile ... --target seneca -o DIR`")
 
 
-def simulate(out_dir: Path, source, compare: bool = True) -> dict:
+def simulate(out_dir: Path, source, compare: bool = True, positions: tuple[int, ...] = (),
+             position_source=None, position_tokens: int = 2) -> dict:
     """Simulate the compiled model in `out_dir` (written by compile --target seneca) on every
     window of `source`, sparse and dense baseline; with `compare`, check against the `ort`
-    backend on the same model and tokens. Returns the report (plain JSON values)."""
+    backend on the same model and tokens. Returns the report (plain JSON values).
+
+    A step graph runs token by token with its state resident in core memory (`steps`); for
+    it, `positions` also measures the per-token cost of `position_tokens` tokens at each of
+    those context positions of the first window of `position_source`."""
     import contextlib
     import time
 
-    from sparsecc import model_io, ops
+    from sparsecc import model_io
     from sparsecc.backends.seneca.simulator import Simulator
     from sparsecc.progress import bar
     from sparsecc.runtime import ort_session
+    from sparsecc.stepgraph import is_step_graph
 
     out_dir = Path(out_dir)
     check_compiled(out_dir)
     model = model_io.load_model(out_dir / "model.onnx")
     target = load_target(out_dir / "target.toml")
+    if is_step_graph(model):
+        from sparsecc.backends.seneca.steps import simulate_steps
+
+        return simulate_steps(out_dir, model, target, source, compare, positions, position_source, position_tokens)
+    if positions:
+        raise SparseccError("--positions measures step graphs (sparsecc export) only; this model takes whole windows")
     sparse, dense = Simulator(model, target), Simulator(model, target, dense_baseline=True)
     sites = list(sparse.sites.values())
-    thresholds = [(n.inputs[0].name, n.outputs[0].name, n.inputs[1].const_value.numpy()) for n in sparse.nodes
-                  if ops.is_threshold(n)]
-    quantizers = [(n.inputs[0].name, n.outputs[0].name, n) for n in sparse.nodes
-                  if n.op_type == "QuantizeLinear" and n.name in sparse.live]
+    thresholds, quantizers = step_functions(sparse)
     steps = thresholds + quantizers     # (input, output, t or node): the step functions
     runs = {"sparse": [], "dense": []}
     sim_seconds, ort_seconds, ort_macs, pinned_macs, tokens = 0.0, 0.0, 0, 0, 0
@@ -159,6 +168,17 @@ def simulate(out_dir: Path, source, compare: bool = True) -> dict:
         report["speed"]["ort_tokens_per_s"] = tokens / ort_seconds
         report["speed"]["slowdown_vs_ort"] = ort_seconds and sim_seconds / ort_seconds
     return report
+
+
+def step_functions(sim) -> tuple[list, list]:
+    """(thresholds as (input, output, t), live quantizers as (input, output, node)) of a simulator's model."""
+    from sparsecc import ops
+
+    thresholds = [(n.inputs[0].name, n.outputs[0].name, n.inputs[1].const_value.numpy()) for n in sim.nodes
+                  if ops.is_threshold(n)]
+    quantizers = [(n.inputs[0].name, n.outputs[0].name, n) for n in sim.nodes
+                  if n.op_type == "QuantizeLinear" and n.name in sim.live]
+    return thresholds, quantizers
 
 
 class Agreement:

@@ -98,6 +98,12 @@ class Program:
             self.counts[op] += trips * n
         return self
 
+    def extend(self, other: Program) -> Program:
+        """`other`'s instructions after these."""
+        self.lines += other.lines
+        self.counts.update(other.counts)
+        return self
+
     def text(self, title: str) -> str:
         return f"; {title}\n" + "\n".join(self.lines) + "\n"
 
@@ -223,6 +229,17 @@ def copy(groups: int, send: bool) -> Program:
         body.add("EVC r3, x8")
     body.add("ADDI x8, x8, 8")
     return Program().loop(groups, body, 0)
+
+
+def send(groups: int) -> Program:
+    """Send a value held in data memory (a resident state) as events: load and capture per group."""
+    body = Program().add("MLD r3, [x1+0]", "ADDI x1, x1, 8", "EVC r3, x8", "ADDI x8, x8, 8")
+    return Program().loop(groups, body, 0)
+
+
+def store(groups: int) -> Program:
+    """Store a value still in registers (a tile's outputs) into data memory, per group."""
+    return Program().loop(groups, Program().add("MST r3, [x8+0]", "ADDI x8, x8, 8"), 0)
 
 
 def receive(events: int, groups: int) -> Program:

@@ -21,6 +21,14 @@ Tokens of a window are causal and independent within a step, so simulating the w
 side by side (vectorised) gives each token exactly what simulating it alone would; attention
 products are sized for the window (every query row against every key of the window) as the
 exported graph computes them.
+
+A step graph (sparsecc.stepgraph) runs one token per `run`, its state fed in and read back
+by the caller (`steps.py`). Each state is resident in the data memory of the core that
+writes `new_state.i` (`Placement.states`): the handlers on that core read it with MLD as any
+operand in memory, the writer stores the new state with MST (a KV-cache Concat onto its own
+state appends the new position in place, not a copy of the cache), and a reader on another
+core gets the state as events from its home core (MLD + EVC there, flits on the NoC,
+`dense.receive` at the reader), as any value crossing cores.
 """
 from __future__ import annotations
 
@@ -39,10 +47,12 @@ from sparsecc.backends.seneca.linear import VALUE_FORMATS, run_tile, step_counts
 from sparsecc.errors import SparseccError
 from sparsecc.placement import Placement, Tile
 from sparsecc.sites import analyze, const_root, int8_operands, int8_weight, weight_array
+from sparsecc.stepgraph import is_step_graph
 from sparsecc.target import Target
 
 F32 = np.float32
 _LAYER = re.compile(r"layers?[._/](\d+)|h[._](\d+)[._/]")
+_ROLE_LAYER = re.compile(r"layer (\d+)\b")
 
 
 def layer_of(node: ir.Node) -> str:
@@ -130,6 +140,12 @@ class Simulator:
             if name not in self.weights:  # a constant-table Gather: the table [rows, width]
                 self.weights[name] = self.round(weight_array(self.by_name[name].inputs[0]))
         self.cores = self.placement.node_cores()
+        # a step graph's states: state.i -> its resident record (home core, bytes); new_state.i -> the same
+        self.resident = {st.input: st for st in self.placement.states}
+        self.state_writes = {st.output: st for st in self.placement.states}
+        if is_step_graph(model) and not self.resident:
+            raise SparseccError("this step graph was partitioned without its state; re-run compile --target seneca "
+                                "with this sparsecc")
         missing = [n.name for n in self.nodes if n.name not in self.cores]
         if missing:
             raise SparseccError(f"{len(missing)} nodes have no core (e.g. {missing[0]}); re-run the partition pass")
@@ -253,6 +269,11 @@ class Simulator:
                 outputs = self._reference(node, inputs)
             elif kind == "tiled":
                 outputs, work[node.name], macs = self._tiled(node, inputs, tokens, env)
+                for v, out in zip(node.outputs, outputs):
+                    if v.name in self.state_writes:   # the tile's outputs also stored into the resident state
+                        home = self.state_writes[v.name].core
+                        store = _times(dense.store(dense.groups_of(int(np.size(out)) // tokens)).counts, tokens)
+                        work[node.name].append(Work(home, store, np.full(tokens, cost.cycles(store, self.target) / tokens, F32)))
                 if node.name in self.sites:
                     lane_ops += macs
                     if node.name in self.compensation:
@@ -376,8 +397,12 @@ class Simulator:
         result = outputs[0]
         out_value = node.outputs[0]
         readers = self.consumers.get(out_value.name, [])
-        send = any(self.cores[r.name] != self.cores[node.name] for r in readers) or out_value.name in self.output_names
-        store = out_value.name not in self.fused and any(self.cores[r.name] == self.cores[node.name] for r in readers)
+        # a new state is stored into its resident place, not sent to the host
+        writes_state = out_value.name in self.state_writes
+        send = any(self.cores[r.name] != self.cores[node.name] for r in readers) or (
+            out_value.name in self.output_names and not writes_state)
+        store = writes_state or (out_value.name not in self.fused
+                                 and any(self.cores[r.name] == self.cores[node.name] for r in readers))
         operands = [dense.Operand(v is not None and v.name not in self.fused and v.name in self.live_values
                                   and x is not None and np.size(x) > 1, 1 + i)
                     for i, (v, x) in enumerate(zip(node.inputs, inputs))]
@@ -402,6 +427,14 @@ class Simulator:
             inner, n = int(a.shape[-1]), int(b.shape[-1])
             rows = max(1, size // n // tokens)
             program = dense.matmul(rows, inner, dense.groups_of(n), store, send, self.registers)
+        elif kind == "Concat" and writes_state and self.state_writes[out_value.name].input in {
+                v.name for v in node.inputs if v is not None}:
+            # a KV cache grows in place: only the new position is written; the cache is read
+            # (MLD + EVC) only when readers on other cores need it
+            held = next(x for v, x in zip(node.inputs, inputs) if v is not None and v.name == self.state_writes[out_value.name].input)
+            program = dense.copy(dense.groups_of((size - int(np.size(held))) // tokens), send)
+            if send:
+                program.extend(dense.send(dense.groups_of(int(np.size(held)) // tokens)))
         elif kind in dense.COPIES:
             program = dense.copy(dense.groups_of(per_token), send)
         else:
@@ -438,6 +471,55 @@ class Simulator:
                     bucket[c] += e[c]
 
         zero = np.zeros(tokens, F32)
+
+        def deliver(src: int, layer: str, value: np.ndarray, nonzero: int, dests: list[int], readers: list[ir.Node],
+                    compensating: bool = False, receiver_compensating=lambda reader: False) -> None:
+            """`nonzero` events of `value` from core `src` to the other cores in `dests`."""
+            nonlocal sent, received, flits, flit_hops
+            remote = [d for d in dests if d != src]
+            if not remote or nonzero == 0:
+                return
+            links = mesh.multicast_links(src, remote)
+            packet = nonzero + tokens   # a header flit per token step
+            charge(src, layer, collections.Counter(), 0, cost.noc_energy_pj(packet, links, self.target),
+                   compensating=compensating)
+            sent += nonzero
+            received += nonzero * len(remote)
+            flits += packet
+            flit_hops += packet * links
+            for reader in readers:  # the receiving dense handlers take events into memory
+                if reader.name in self.tiles:
+                    continue  # tile handlers RECV their events themselves (counted in their program)
+                core = self.cores[reader.name][0]
+                if core == src:
+                    continue
+                prog = dense.receive(nonzero, dense.groups_of(int(np.size(value)) // max(1, tokens)) * tokens)
+                charge(core, layer_of(reader), prog.counts, 0, compensating=receiver_compensating(reader))
+                total_counts.update(prog.counts)
+                per_core[core]["cycles"] += cost.cycles(prog.counts, self.target)
+
+        # a step graph's resident states: read out of memory and sent to readers on other cores
+        state_ready: dict[str, np.ndarray] = {}
+        for name, st in self.resident.items():
+            value = env.get(name)
+            readers = [r for r in self.consumers.get(name, []) if r.name in self.live]
+            dests = sorted({c for r in readers for c in self.cores[r.name]} - {st.core})
+            nonzero = int(np.count_nonzero(value)) if value is not None else 0
+            if not dests or nonzero == 0:
+                continue
+            m = _ROLE_LAYER.match(st.role)
+            layer = f"layer {int(m.group(1))}" if m else "other"
+            program = dense.send(dense.groups_of(int(np.size(value)) // tokens))
+            program.add("SEND 0", "SYNC 0", "HALT")
+            counts, cycles = _times(program.counts, tokens), np.full(tokens, cost.cycles(program.counts, self.target), F32)
+            start = core_free.get(st.core, zero)
+            core_free[st.core] = start + cycles
+            charge(st.core, layer, counts, nonzero)
+            per_core[st.core]["cycles"] += float(cycles.sum())
+            total_counts.update(counts)
+            state_ready[name] = start + cycles
+            deliver(st.core, layer, value, nonzero, dests, readers)
+
         for node in self.nodes:
             if node.name not in self.live:
                 continue
@@ -445,6 +527,11 @@ class Simulator:
             # arrival of inputs: producer finish + NoC hops (+ one cycle per flit on the link)
             ready = zero
             for v in self._arrivals(node):
+                if v is not None and v.name in state_ready and self.resident[v.name].core not in self.cores[node.name]:
+                    home = self.resident[v.name].core
+                    hops = max(mesh.hops(home, b) for b in self.cores[node.name])
+                    ready = np.maximum(ready, state_ready[v.name] + hops * cph)
+                    continue
                 if v is None or v.name not in self.live_values or v.producer() is None or env.get(v.name) is None:
                     continue
                 src = v.producer().name
@@ -472,27 +559,9 @@ class Simulator:
                     continue
                 sources = self._sources(node, value)
                 for src, nonzero in sources:
-                    remote = [d for d in dests if d != src]
-                    if not remote or nonzero == 0:
-                        continue
-                    links = mesh.multicast_links(src, remote)
-                    packet = nonzero + tokens   # a header flit per token step
-                    charge(src, layer, collections.Counter(), 0, cost.noc_energy_pj(packet, links, self.target),
-                           compensating=node.name in self.compensation and node.op_type != "Add")
-                    sent += nonzero
-                    received += nonzero * len(remote)
-                    flits += packet
-                    flit_hops += packet * links
-                    for reader in readers:  # the receiving dense handlers take events into memory
-                        if reader.name in self.tiles:
-                            continue  # tile handlers RECV their events themselves (counted in their program)
-                        core = self.cores[reader.name][0]
-                        if core == src:
-                            continue
-                        prog = dense.receive(nonzero, dense.groups_of(int(np.size(value)) // max(1, tokens)) * tokens)
-                        charge(core, layer_of(reader), prog.counts, 0, compensating=reader.name in self.compensation)
-                        total_counts.update(prog.counts)
-                        per_core[core]["cycles"] += cost.cycles(prog.counts, self.target)
+                    deliver(src, layer, value, nonzero, dests, readers,
+                            compensating=node.name in self.compensation and node.op_type != "Add",
+                            receiver_compensating=lambda reader: reader.name in self.compensation)
         outputs = {name: env[name] for name in [o.name for o in self.outputs] + list(keep)}
         latency = np.max(np.stack([finish.get(o.producer().name, zero) for o in self.outputs]), axis=0)
         return StepResult(outputs, energy, per_core, per_layer, latency, sent, received, flits, flit_hops,
