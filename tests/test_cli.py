@@ -144,7 +144,8 @@ def test_version_and_usage(capsys):
     (["compile"], "required: model, -o/--out"),
     (["compile", "m.onnx", "-o", "o", "--quant", "w3"], "invalid choice: 'w3'"),
     (["simulate"], "required: dir, --text"),
-    (["inspect"], "invalid choice: 'inspect'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["inspect"], "required: path"),
     (["eval", "m.onnx", "--windows", "many"], "invalid int value: 'many'"),
 ])
 def test_usage_errors_are_one_line(argv, mention, capsys):
