@@ -1,7 +1,8 @@
 """sparsecc's SENECA-style instruction set: assembly text <-> instructions <-> 32-bit words.
 
 A core has a RISC-V controller (scalar registers x0..x31, x0 reads 0) and a loop buffer that
-issues vector instructions to its 8 NPEs in SIMD (registers r0..r63 per NPE, 16 bit each).
+issues vector instructions to its 8 NPEs in SIMD (registers r0..r63 per NPE; 32-bit in the
+simulator, the target's [numerics] register_format, an assumption).
 Vector instructions act on all NPE lanes at once; `MLD`/`MST` move 8 consecutive 16-bit words
 (one per lane) between data memory and a register, at the address in a controller register
 plus an immediate.
