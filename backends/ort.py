@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from sparsecc.backends.base import Backend
 from sparsecc.data import FeedSource
+from sparsecc.inspection import site_layers
 from sparsecc.metrics import OutputError, Perplexity, Zeros
 from sparsecc.progress import bar
 from sparsecc.runtime import ort_session
@@ -47,9 +48,11 @@ class OrtBackend(Backend):
                     if is_lm:
                         ref_ppl.add(ref_logits, ids)
         rows = []
+        layers = site_layers(sites)
         for s in sites:
             sparsity = zeros[s.consumes].sparsity
-            rows.append({"site": s.node, "tensor": s.consumes, "group": s.group, "head": s.head, "natural": s.natural,
+            rows.append({"site": s.node, "layer": layers.get(s.index), "tensor": s.consumes, "group": s.group,
+                         "head": s.head, "natural": s.natural,
                          "thresholded": s.threshold is not None, "compensates": s.compensates, "sparsity": sparsity,
                          "macs_per_token": s.macs_per_token,
                          "effective_macs_per_token": (1 - sparsity) * s.macs_per_token})

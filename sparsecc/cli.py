@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from sparsecc import __version__, compiler, config as cfg, pipeline as pipelines, progress
-from sparsecc import report as reports
+from sparsecc import report as reports, report_page
 from sparsecc.calibration import default_cache_dir
 from sparsecc.errors import SparseccError
 from sparsecc.model_io import atomic_dir, check_output_dir
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="insert and calibrate thresholds; write the compiled model and reports",
-                       description="Run the pass pipeline on MODEL and write OUT/{model.onnx, report.json, report.md, config.yaml}.")
+                       description="Run the pass pipeline on MODEL and write OUT/{model.onnx, report.json, report.md, report.html, config.yaml}.")
     c.add_argument("model", help="input ONNX model (opset 17+)")
     c.add_argument("-o", "--out", required=True, help="output folder (replaced atomically)")
     c.add_argument("--pipeline", metavar="YAML", help="pipeline file; replaces the pass options below")
@@ -91,16 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity, measured sparsity and output error in ONNX Runtime",
                        description="Evaluate MODEL with the ort backend. For a model written by `sparsecc compile`, the "
                                    "tokenizer, window length and reference (the uncompiled source) default to its config.yaml.")
-    e.add_argument("model", help="ONNX model (e.g. OUT/model.onnx)")
+    e.add_argument("model", nargs="+", help="ONNX model (e.g. OUT/model.onnx); several (e.g. compiled at different "
+                   "targets): one report comparing them, with the sparsity/accuracy curve")
     _add_data(e, "--ppl", "evaluation text (file or folder) for perplexity, or an .npz of feeds")
     e.add_argument("--reference", metavar="MODEL", help="model to compare outputs with (default: the compiled model's source)")
     e.add_argument("--no-reference", action="store_true", help="skip the comparison")
-    e.add_argument("-o", "--out", help="also write report.json and report.md to this folder")
+    e.add_argument("-o", "--out", help="also write report.json, report.md and report.html to this folder")
 
     sm = sub.add_parser("simulate", help="run a seneca compile on the bundled instruction-level simulator",
                         description="Simulate DIR (written by `sparsecc compile ... --target seneca -o DIR`) on windows of "
                                     "--tokens tokens, sparse and dense baseline, checked against the ort backend; "
-                                    "writes report.json and report.md to DIR/simulation (or -o).")
+                                    "writes report.json, report.md and report.html to DIR/simulation (or -o).")
     sm.add_argument("dir", help="output folder of compile --target seneca")
     sm.add_argument("--text", dest="data", metavar="PATH", required=True,
                     help="text file or folder to take the tokens from, or an .npz of feeds")
@@ -205,24 +206,32 @@ def _key_values(items: list[str], flag: str) -> dict[str, str]:
 
 
 def _eval(args) -> dict:
-    model = Path(args.model)
-    saved = compiler.compiled_config(model)
-    data = saved.get("data", {})
-    tokenizer = args.tokenizer or data.get("tokenizer")
-    seq_len = args.seq_len or data.get("seq_len", 256)
     if args.data is None:
         raise SparseccError("eval needs data: pass --ppl TEXT (with --tokenizer) or --ppl FEEDS.npz")
     if args.out:
         check_output_dir(Path(args.out))  # before the long part, not after it
-    source = compiler.data_source(args.data, tokenizer, seq_len, args.windows)
-    reference = None if args.no_reference else (args.reference or saved.get("source"))
-    result = compiler.evaluate(model, source, reference)
+    runs = []
+    for path in args.model:
+        model = Path(path)
+        saved = compiler.compiled_config(model)
+        data = saved.get("data", {})
+        source = compiler.data_source(args.data, args.tokenizer or data.get("tokenizer"),
+                                      args.seq_len or data.get("seq_len", 256), args.windows)
+        reference = None if args.no_reference else (args.reference or saved.get("source"))
+        runs.append(compiler.evaluate(model, source, reference))
+    # several models: one report comparing them (report_page draws their sparsity/accuracy curve)
+    result = runs[0] if len(runs) == 1 else {"schema": reports.SCHEMA, "kind": "eval-sweep", "sparsecc": __version__,
+                                             "runs": runs}
     if args.out:
         with atomic_dir(args.out) as tmp:
-            (tmp / "report.md").write_text(reports.eval_markdown(result), encoding="utf-8")
+            markdown = reports.eval_markdown(result) if len(runs) == 1 else reports.eval_sweep_markdown(result)
+            (tmp / "report.md").write_text(markdown, encoding="utf-8")
             (tmp / "report.json").write_text(reports.dumps(result), encoding="utf-8")
+            (tmp / "report.html").write_text(report_page.render(result), encoding="utf-8")
     if not args.json:
-        print(reports.eval_summary(result["result"]))
+        for run in runs:
+            label = f"{run['model']}: " if len(runs) > 1 else ""
+            print(label + reports.eval_summary(run["result"]).replace("\n", "; " if label else "\n"))
     return result
 
 
@@ -252,6 +261,7 @@ def _simulate(args) -> dict:
         (tmp / "report.md").write_text(reports.simulation_markdown(result), encoding="utf-8")
         (tmp / "report.json").write_text(reports.dumps(result), encoding="utf-8")
         (tmp / "timings.json").write_text(reports.dumps(speed), encoding="utf-8")
+        (tmp / "report.html").write_text(report_page.render(result, report_page.compile_report(folder)), encoding="utf-8")
     if not args.json:
         print(reports.simulation_summary(result, speed))
     return result

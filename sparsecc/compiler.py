@@ -10,7 +10,7 @@ import onnx_ir as ir
 import yaml
 
 from sparsecc import __version__, model_io, pipeline as pipelines
-from sparsecc import report as reports
+from sparsecc import report as reports, report_page
 from sparsecc.data import FeedSource, NpzFeeds, TextWindows, as_feed_source
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, PassManager
@@ -71,7 +71,7 @@ def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration
         "target": {"backend": target, "declined": declined},
         "data": calibration.describe() if calibration is not None else None,
         "passes": [r.to_dict() for r in pass_reports],
-        "sites": [s.to_dict() for s in analyze(model.graph).sites],
+        "sites": _site_rows(model),
     }
     timings = {r.id: round(r.seconds, 3) for r in pass_reports}
     if out is not None:
@@ -81,10 +81,21 @@ def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration
             (tmp / CONFIG).write_text(pipelines.dump(spec), encoding="utf-8")
             (tmp / "report.md").write_text(reports.compile_markdown(report), encoding="utf-8")
             (tmp / "timings.json").write_text(reports.dumps(timings), encoding="utf-8")
-            report["outputs"] = sorted([str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file()] + ["report.json"])
+            report["outputs"] = sorted([str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file()]
+                                       + ["report.json", "report.html"])
             (tmp / "report.json").write_text(reports.dumps(report), encoding="utf-8")
-        log(f"wrote {Path(out)}/ ({', '.join(f.name for f in files)}, report.json, report.md, {CONFIG})")
+            (tmp / "report.html").write_text(report_page.render(report), encoding="utf-8")
+        log(f"wrote {Path(out)}/ ({', '.join(f.name for f in files)}, report.json, report.md, report.html, {CONFIG})")
     return CompileResult(model, report, timings)
+
+
+def _site_rows(model: ir.Model) -> list[dict]:
+    """Every linear site, with its layer found from structure (None where no layers repeat)."""
+    from sparsecc.inspection import site_layers
+
+    sites = analyze(model.graph).sites
+    layers = site_layers(sites)
+    return [s.to_dict() | {"layer": layers.get(s.index)} for s in sites]
 
 
 def compiled_config(model_path: Path) -> dict[str, Any]:

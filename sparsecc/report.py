@@ -77,6 +77,21 @@ def eval_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def eval_sweep_markdown(report: dict) -> str:
+    """Several models evaluated on the same data: one row each, then each model's own report."""
+    lines = [f"# sparsecc eval: {len(report['runs'])} models", "",
+             "| model | perplexity | reference | body sparsity | with heads | top-1 vs reference |", "|---|---|---|---|---|---|"]
+    for run in report["runs"]:
+        r = run["result"]
+        cells = [f"{r[k]:.3f}" if k in r else "-" for k in ("perplexity", "reference_perplexity")]
+        cells += [_pct(r["macs"]["body"]["sparsity"]), _pct(r["macs"]["all"]["sparsity"]),
+                  _pct(r["output_error"]["top1_agreement"]) if "output_error" in r else "-"]
+        lines.append(f"| {run['model']} | " + " | ".join(cells) + " |")
+    for run in report["runs"]:
+        lines += ["", eval_markdown(run).replace("# ", "## ", 1).rstrip("\n")]
+    return "\n".join(lines) + "\n"
+
+
 def eval_summary(result: dict) -> str:
     """A few lines for the terminal."""
     parts = []

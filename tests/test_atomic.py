@@ -67,8 +67,8 @@ def test_previous_output_is_replaced_cleanly(mlp_path, mlp_npz, tmp_path, capsys
     old_model = (out / "model.onnx").read_bytes()
     assert _compile(mlp_path, mlp_npz, out, "--sparsity", "0.7") == 0
     assert sorted(p.name for p in work.iterdir()) == ["out"]   # no .out.tmp-* / .out.old-* left
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.onnx", "report.json", "report.md",
-                                                     "timings.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.onnx", "report.html", "report.json",
+                                                     "report.md", "timings.json"]
     assert json.loads((out / "report.json").read_text())["passes"][2]["details"]["target"] == 0.7
     assert (out / "model.onnx").read_bytes() != old_model
     # An existing empty folder may be used as well.

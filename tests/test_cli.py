@@ -42,7 +42,8 @@ def compiled(tmp_path_factory):
 def test_compile_writes_everything(compiled):
     rc, root, out = compiled
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.onnx", "report.json", "report.md", "timings.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.onnx", "report.html", "report.json", "report.md",
+                                                     "timings.json"]
     assert sorted(p.name for p in root.iterdir()) == ["cache", "out"]   # no temporary folders left
     report = json.loads((out / "report.json").read_text())
     assert report["schema"] == "sparsecc.report/1"

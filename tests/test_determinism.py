@@ -8,7 +8,7 @@ from conftest import listing, mlp_feeds
 import sparsecc
 from sparsecc import cli
 
-FILES = ("model.onnx", "report.json", "report.md", "config.yaml")
+FILES = ("model.onnx", "report.json", "report.md", "report.html", "config.yaml")
 
 
 def test_cli_compiles_are_byte_identical(mlp_path, mlp_npz, tmp_path):
@@ -43,4 +43,4 @@ def test_api_compiles_are_byte_identical(mlp_path, tmp_path):
     a.pop("timings.json")
     b.pop("timings.json")
     assert a == b
-    assert set(a) == {"model.onnx", "report.json", "report.md", "config.yaml"}
+    assert set(a) == {"model.onnx", "report.json", "report.md", "report.html", "config.yaml"}

@@ -22,8 +22,8 @@ def test_external_data_model_compiles_to_a_self_contained_output(tmp_path):
     assert len(model.graph.initializers) > 0
     out = tmp_path / "out"
     sparsecc.compile_model(src / "model.onnx", sparsecc.default_pipeline(sparsity=0.5), mlp_feeds(4), out=out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.onnx", "report.json", "report.md",
-                                                     "timings.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.onnx", "report.html", "report.json",
+                                                     "report.md", "timings.json"]
     shutil.rmtree(src)   # the output must not refer back to the source's weights
     feed = mlp_feeds(1, seed=9)[0]
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])

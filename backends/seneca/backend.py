@@ -244,6 +244,7 @@ def _summary(results: list, target: Target) -> dict:
     energy, compensation = collections.Counter(), collections.Counter()
     per_layer: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     per_core: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    flits_per_core: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
     for r in results:
         energy.update(r.energy_pj)
         compensation.update(r.compensation_pj)
@@ -251,6 +252,8 @@ def _summary(results: list, target: Target) -> dict:
             per_layer[name].update(row)
         for core, row in r.per_core.items():
             per_core[core].update(row)
+        for core, row in r.core_flits.items():
+            flits_per_core[core].update(row)
     latency = float(np.concatenate([r.latency_cycles for r in results]).mean())
     total = sum(energy.values())
     clock = target["clock"]["frequency_hz"]
@@ -270,6 +273,10 @@ def _summary(results: list, target: Target) -> dict:
         "instructions": dict(sorted(sum((r.counts for r in results), collections.Counter()).items())),
         "per_layer": {name: per_token(row) for name, row in sorted(per_layer.items(), key=lambda kv: _layer_key(kv[0]))},
         "per_core": {str(core): per_token(row) for core, row in sorted(per_core.items())},
+        # NoC traffic by core over the window(s), as `flits`; a multicast packet is received by each destination
+        "flits_per_core": {str(core): {"sent": row["sent"], "received": row["received"]}
+                           for core, row in sorted(flits_per_core.items())},
+        "mesh": {"rows": target["mesh"]["rows"], "cols": target["mesh"]["cols"]},
     } | ({"compensation": {   # low-rank compensation (compensate-lowrank): its part of the figures above
         "energy_pj_per_token": {k: compensation[k] / tokens for k in sorted(compensation)} | {
             "total": sum(compensation.values()) / tokens},

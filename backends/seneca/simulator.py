@@ -89,6 +89,7 @@ class StepResult:
     counts: collections.Counter
     compensation_pj: dict[str, float] = dataclasses.field(default_factory=dict)  # low-rank compensation's share of energy_pj
     compensation_mac_lane_ops: int = 0                   # its share of mac_lane_ops
+    core_flits: dict[int, collections.Counter] = dataclasses.field(default_factory=dict)  # core -> flits "sent", "received"
 
 
 class Simulator:
@@ -459,16 +460,18 @@ class Simulator:
         finish: dict[str, np.ndarray] = {}
         core_free: dict[int, np.ndarray] = {}
         sent = received = flits = flit_hops = 0
+        core_flits: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
         cph = self.target["noc"]["cycles_per_hop"]
 
         def charge(core: int, layer: str, counts, captured: int, noc_pj: float = 0.0, compensating: bool = False):
             e = cost.energy_pj(counts, captured, self.target)
             e["noc"] += noc_pj
             for bucket in (energy, per_core.setdefault(core, {**dict.fromkeys(cost.CATEGORIES, 0.0), "cycles": 0.0}),
-                           per_layer.setdefault(layer, dict.fromkeys(cost.CATEGORIES, 0.0)),
+                           per_layer.setdefault(layer, {**dict.fromkeys(cost.CATEGORIES, 0.0), "cycles": 0.0}),
                            *([compensation_energy] if compensating else [])):
                 for c in cost.CATEGORIES:
                     bucket[c] += e[c]
+            per_layer[layer]["cycles"] += cost.cycles(counts, self.target)   # handler (busy) cycles, all its cores
 
         zero = np.zeros(tokens, F32)
 
@@ -487,6 +490,9 @@ class Simulator:
             received += nonzero * len(remote)
             flits += packet
             flit_hops += packet * links
+            core_flits[src]["sent"] += packet
+            for dest in remote:
+                core_flits[dest]["received"] += packet
             for reader in readers:  # the receiving dense handlers take events into memory
                 if reader.name in self.tiles:
                     continue  # tile handlers RECV their events themselves (counted in their program)
@@ -566,7 +572,8 @@ class Simulator:
         latency = np.max(np.stack([finish.get(o.producer().name, zero) for o in self.outputs]), axis=0)
         return StepResult(outputs, energy, per_core, per_layer, latency, sent, received, flits, flit_hops,
                           lane_ops, dense_macs, tokens, total_counts,
-                          compensation_energy if self.compensation and not self.dense_baseline else {})
+                          compensation_energy if self.compensation and not self.dense_baseline else {},
+                          core_flits=dict(core_flits))
 
     def _arrivals(self, node: ir.Node) -> list[ir.Value | None]:
         """The values whose arrival a node's handler waits for: an integer site's are its events."""
