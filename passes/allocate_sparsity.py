@@ -24,10 +24,11 @@ import time
 import onnx_ir as ir
 
 from sparsecc import ops
+from sparsecc.calibration import MAX_REFINE
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
-from sparsecc.pass_manager import Context, Pass, require, require_calibration
-from sparsecc.progress import log
+from sparsecc.pass_manager import Context, Pass, require_calibration, require_thresholds
+from sparsecc.progress import bar, log
 from sparsecc.threshold_search import (Checkpoint, LossProbe, dense_statistics, model_sparsity, role_label, settle,
                                       thresholds_by_role)
 
@@ -48,8 +49,9 @@ class AllocateSparsityConfig:
             raise SparseccError(f"sparsity must be in [0, {MAX_LEVEL}) (got {self.sparsity})")
         if not 0.0 < self.step <= 0.5:
             raise SparseccError(f"step must be in (0, 0.5] (got {self.step})")
-        if self.bands < 1 or self.windows < 1 or self.refine < 0:
-            raise SparseccError("bands and windows must be at least 1, refine at least 0")
+        if self.bands < 1 or self.windows < 1 or not 0 <= self.refine <= MAX_REFINE:
+            raise SparseccError(f"bands and windows must be at least 1, refine between 0 and {MAX_REFINE} "
+                                f"(got {self.bands}, {self.windows}, {self.refine})")
         if not 0.0 <= self.start <= self.sparsity:
             raise SparseccError(f"start must be in [0, sparsity] (got {self.start})")
 
@@ -62,8 +64,7 @@ class AllocateSparsity(Pass):
 
     def check(self, model, ctx):
         require_calibration(ctx, self.name)
-        require(any(ops.is_threshold(n) for n in model.graph),
-                "allocate-sparsity found no Threshold ops: run insert-thresholds before it")
+        require_thresholds(model, self.name)
 
     def run(self, model: ir.Model, ctx: Context) -> dict:
         c = self.config
@@ -79,10 +80,17 @@ class AllocateSparsity(Pass):
         state = Checkpoint("allocate", ctx.cache_dir, c, hists, [th.source for th in thresholds], _label)
         levels, history = state.load(groups, c.start)
         resumed = bool(history)
+        # the way to the target, in percent: the moves' count is not known ahead, their gains add up to it
+        way = bar(total=100, desc="allocate-sparsity", unit="%")
+
+        def advance():
+            way.update(max(0, min(100, int(100 * model_wide(levels) / c.sparsity) if c.sparsity else 100) - way.n))
+
         try:
             loss = search.loss(levels)
             base = search.loss(dict.fromkeys(groups, 0.0))
             stale: dict = {}
+            advance()
             while model_wide(levels) < c.sparsity - 1e-9:
                 open_ = [g for g in groups if levels[g] < MAX_LEVEL]
                 if not open_:
@@ -109,9 +117,11 @@ class AllocateSparsity(Pass):
                 history.append({"group": _label(best), "level": round(levels[best], 6), "loss": loss,
                                 "model_sparsity": round(model_wide(levels), 6)})
                 state.save(levels, history)
+                advance()
                 log(f"allocate: {_label(best)} -> {levels[best]:.0%}, loss {loss:.4f}, "
                     f"model-wide {model_wide(levels):.1%}", level=2)
         finally:
+            way.close()
             search.close()
         settle(model, thresholds, hists, levels, ctx, c.refine, "allocate")
         return {

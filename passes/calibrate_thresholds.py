@@ -7,10 +7,10 @@ from typing import Literal
 import onnx_ir as ir
 
 from sparsecc import compensation, ops
-from sparsecc.calibration import AbsHistogram, collect, statistic
+from sparsecc.calibration import MAX_REFINE, AbsHistogram, collect, statistic
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
-from sparsecc.pass_manager import Context, Pass, require, require_calibration
+from sparsecc.pass_manager import Context, Pass, require_calibration, require_thresholds
 from sparsecc.sites import Site, analyze
 
 
@@ -27,8 +27,8 @@ class CalibrateThresholdsConfig:
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
             raise SparseccError(f"sparsity must be in [0, 1) (got {self.sparsity}); e.g. --sparsity 0.5")
-        if self.refine < 0:
-            raise SparseccError(f"refine must be 0 or more (got {self.refine})")
+        if not 0 <= self.refine <= MAX_REFINE:
+            raise SparseccError(f"refine must be between 0 and {MAX_REFINE} (got {self.refine}); e.g. --refine 1")
 
 
 @dataclasses.dataclass
@@ -55,8 +55,7 @@ class CalibrateThresholds(Pass):
 
     def check(self, model, ctx):
         require_calibration(ctx, self.name)
-        require(any(ops.is_threshold(n) for n in model.graph),
-                "calibrate-thresholds found no Threshold ops: run insert-thresholds before it")
+        require_thresholds(model, self.name)
 
     def run(self, model: ir.Model, ctx: Context) -> dict:
         sites = analyze(model.graph).sites

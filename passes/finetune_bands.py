@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sparsecc import ops
-from sparsecc.calibration import collect
+from sparsecc.calibration import MAX_REFINE, collect
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, require, require_calibration
@@ -69,8 +69,9 @@ class FinetuneBandsConfig:
         if not self.lr > 0 or not self.temperature > 0:
             raise SparseccError(f"lr and temperature must be positive (got lr {self.lr}, "
                                 f"temperature {self.temperature})")
-        if self.seed < 0 or self.refine < 0:
-            raise SparseccError(f"seed and refine must be 0 or more (got {self.seed}, {self.refine})")
+        if self.seed < 0 or not 0 <= self.refine <= MAX_REFINE:
+            raise SparseccError(f"seed and refine must be 0 or more, refine at most {MAX_REFINE} "
+                                f"(got {self.seed}, {self.refine})")
 
 
 def import_torch():

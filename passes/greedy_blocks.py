@@ -29,11 +29,12 @@ import time
 import onnx_ir as ir
 
 from sparsecc import ops
+from sparsecc.calibration import MAX_REFINE
 from sparsecc.blocks import BlockProbe, dense_boundaries, find_blocks
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
-from sparsecc.pass_manager import Context, Pass, require, require_calibration
-from sparsecc.progress import log
+from sparsecc.pass_manager import Context, Pass, require, require_calibration, require_thresholds
+from sparsecc.progress import bar, log
 from sparsecc.stepgraph import is_step_graph
 from sparsecc.threshold_search import (Checkpoint, dense_statistics, model_sparsity, role_label, settle,
                                       thresholds_by_role)
@@ -54,8 +55,8 @@ class GreedyBlocksConfig:
             raise SparseccError(f"sparsity must be in [0, {MAX_LEVEL}) (got {self.sparsity})")
         if not 0.0 < self.step <= 0.5:
             raise SparseccError(f"step must be in (0, 0.5] (got {self.step}); TEAL uses 0.025")
-        if self.windows < 1 or self.refine < 0:
-            raise SparseccError(f"windows must be at least 1 and refine at least 0 "
+        if self.windows < 1 or not 0 <= self.refine <= MAX_REFINE:
+            raise SparseccError(f"windows must be at least 1 and refine at least 0 and at most {MAX_REFINE} "
                                 f"(got windows {self.windows}, refine {self.refine})")
 
 
@@ -69,8 +70,7 @@ class GreedyBlocks(Pass):
         require_calibration(ctx, self.name)
         require(not is_step_graph(model), "greedy-blocks does not run on step graphs (it cuts blocks out of a window graph); use "
                 "sequential-search or allocate-sparsity on this model")
-        require(any(ops.is_threshold(n) for n in model.graph),
-                "greedy-blocks found no Threshold ops: run insert-thresholds before it")
+        require_thresholds(model, self.name)
 
     def run(self, model: ir.Model, ctx: Context) -> dict:
         c = self.config
@@ -84,9 +84,7 @@ class GreedyBlocks(Pass):
         resumed = bool(history)
         done = {h["block"]: h for h in history if h.get("done")}
         boundaries, model_passes, block_passes = None, 0, 0
-        for block in blocks:
-            if block.index in done:
-                continue
+        for block in bar([b for b in blocks if b.index not in done], desc="greedy-blocks", unit="block"):
             if boundaries is None:   # one dense pass per window, only when some block is left to search
                 names = [v.name for v in model.graph.inputs]
                 feeds = [f for f, _ in zip(ctx.calibration.feeds(names), range(c.windows))]

@@ -19,10 +19,10 @@ import time
 
 import onnx_ir as ir
 
-from sparsecc import ops
+from sparsecc.calibration import MAX_REFINE
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
-from sparsecc.pass_manager import Context, Pass, require, require_calibration
+from sparsecc.pass_manager import Context, Pass, require_calibration, require_thresholds
 from sparsecc.progress import bar
 from sparsecc.threshold_search import (Checkpoint, LossProbe, dense_statistics, model_sparsity, role_label, settle,
                                       thresholds_by_role)
@@ -43,8 +43,9 @@ class SequentialSearchConfig:
             raise SparseccError(f"loss_inc must be at least 1 (got {self.loss_inc}); e.g. 1.001")
         if not 0.0 < self.step <= self.max_level < 1.0:
             raise SparseccError(f"need 0 < step <= max_level < 1 (got step {self.step}, max_level {self.max_level})")
-        if self.windows < 1 or self.refine < 0:
-            raise SparseccError("windows must be at least 1, refine at least 0")
+        if self.windows < 1 or not 0 <= self.refine <= MAX_REFINE:
+            raise SparseccError(f"windows must be at least 1, refine between 0 and {MAX_REFINE} "
+                                f"(got {self.windows}, {self.refine})")
 
 
 class SequentialSearch(Pass):
@@ -55,8 +56,7 @@ class SequentialSearch(Pass):
 
     def check(self, model, ctx):
         require_calibration(ctx, self.name)
-        require(any(ops.is_threshold(n) for n in model.graph),
-                "sequential-search found no Threshold ops: run insert-thresholds before it")
+        require_thresholds(model, self.name)
 
     def run(self, model: ir.Model, ctx: Context) -> dict:
         c = self.config

@@ -33,6 +33,8 @@ from sparsecc.runtime import load_session, saved_copy
 _SHIFT = 17                     # keep 8 exponent + 6 mantissa bits: 64 bins per octave
 BINS = 1 << (31 - _SHIFT)       # 16384
 CACHE_VERSION = "1"
+# Re-measurements with the thresholds in place settle in one or two; far more is a typo.
+MAX_REFINE = 100
 
 
 def _bin_edges() -> np.ndarray:
@@ -42,6 +44,7 @@ def _bin_edges() -> np.ndarray:
 
 
 EDGES = _bin_edges()
+NONFINITE_BIN = 0x7F800000 >> _SHIFT   # from here on: inf and NaN (exponent bits all ones)
 
 
 class AbsHistogram:
@@ -60,6 +63,10 @@ class AbsHistogram:
     @property
     def total(self) -> int:
         return int(self.counts.sum())
+
+    @property
+    def nonfinite(self) -> int:
+        return int(self.counts[NONFINITE_BIN:].sum())
 
     @property
     def zeros(self) -> float:
@@ -118,6 +125,9 @@ def collect(model: ir.Model, tensors: list[str], source: FeedSource, cache_dir: 
                     hists[name].add(_scaled(arrays[tensor], scale, name))
                 else:
                     hists[name].add(arrays[name])
+                if hists[name].nonfinite:
+                    raise SparseccError(f"{desc}: tensor {name!r} has NaN or infinite values on the calibration data; "
+                                        "check the feeds (or the model's numerics on them)")
     if cache is not None:
         _atomic_savez(cache, {f"h{i}": hists[name].counts for i, name in enumerate(tensors)})
     return hists
@@ -168,9 +178,12 @@ def _cache_path(cache_dir: Path | None, model_files: list[Path], source: FeedSou
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    finally:   # interrupted (Ctrl-C) or failed: no partial file left in the cache
+        tmp.unlink(missing_ok=True)
 
 
 def default_cache_dir() -> Path:

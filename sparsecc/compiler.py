@@ -64,6 +64,10 @@ def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration
                           dump_dir=Path(out).with_name(Path(out).name + ".dumps") if out else None)
     pass_reports = manager.run(model, ctx)
     declined = backend.declines(model)
+    if declined:
+        log(f"{target}: declined {len(declined)} node(s), listed in the report: "
+            + "; ".join(f"{node}: {reason}" for node, reason in sorted(declined.items())[:3])
+            + (" ..." if len(declined) > 3 else ""))
     spec = pipelines.to_spec(passes, data) | {"source": str(model_path), "sparsecc": __version__}
     report = {
         "schema": reports.SCHEMA, "kind": "compile", "sparsecc": __version__,

@@ -39,7 +39,8 @@ class Tokenizer:
             try:
                 tok = HFTokenizer.from_file(str(file))
             except Exception as exc:
-                raise SparseccError(f"cannot read tokenizer {file}: {str(exc).splitlines()[0]}") from None
+                raise SparseccError(f"cannot read tokenizer {file}: {str(exc).splitlines()[0]}; "
+                                    "pass a valid tokenizer.json (as saved by the tokenizers library)") from None
             self._encode = lambda text, special: tok.encode(text, add_special_tokens=special).ids
         with_special, plain = self._encode("a", True), self._encode("a", False)
         extra = len(with_special) - len(plain)
@@ -167,7 +168,7 @@ class NpzFeeds(FeedSource):
             raise SparseccError(f"window count must be at least 1 (got {limit})")
         self.path = Path(path)
         if not self.path.is_file():
-            raise SparseccError(f"feed file not found: {self.path}")
+            raise SparseccError(f"feed file not found: {self.path}; check the path")
         try:
             with np.load(self.path, allow_pickle=False) as data:
                 self.arrays = {k: data[k] for k in data.files}
@@ -177,6 +178,10 @@ class NpzFeeds(FeedSource):
         counts = {len(a) for a in self.arrays.values()}
         if len(counts) != 1 or 0 in counts:
             raise SparseccError(f"{self.path}: every array needs the same, non-zero number of samples on axis 0")
+        empty = next((k for k, a in self.arrays.items() if 0 in a.shape[1:]), None)
+        if empty is not None:
+            raise SparseccError(f"{self.path}: the samples of {empty!r} are empty (shape {list(self.arrays[empty].shape)}); "
+                                "each needs at least one token or row")
         self.count = min(counts.pop(), limit or 2**62)
 
     def __len__(self):

@@ -9,13 +9,14 @@ sequence, token by token over `check_tokens` tokens.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from sparsecc.errors import SparseccError
-from sparsecc.model_io import atomic_dir, save_model
+from sparsecc.model_io import atomic_dir, check_output_dir, save_model
 from sparsecc.progress import log
 from sparsecc.stepgraph import LOGITS, METADATA_KEY, TOKEN, run_tokens, state_input, state_output
 
@@ -43,15 +44,65 @@ def load_causal_lm(source: str | Path):
 
     source = Path(source)
     if source.is_file() and source.suffix == ".gguf":
-        lm = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype="float32")
-        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+        with _unreadable(source):
+            lm = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype="float32")
+            tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
         return lm.eval(), lambda folder: tokenizer.save_pretrained(str(folder))
     if not (source / "config.json").is_file():
         raise SparseccError(f"{source} is neither a transformers model folder (with config.json) nor a .gguf file")
-    lm = AutoModelForCausalLM.from_pretrained(str(source), dtype="float32")
+    with _unreadable(source):
+        lm = AutoModelForCausalLM.from_pretrained(str(source), dtype="float32")
     if not (source / "tokenizer.json").is_file():
         return lm.eval(), None
     return lm.eval(), lambda folder: shutil.copy(source / "tokenizer.json", folder / "tokenizer.json")
+
+
+@contextlib.contextmanager
+def _hushed():
+    """With -q / --json, torch's and transformers' own warnings, logs and progress bars off
+    for the duration, so that stderr stays empty; restored afterwards."""
+    from sparsecc import progress
+
+    if not progress.quiet():
+        yield
+        return
+    import logging
+    import warnings
+
+    _torch()   # imported first: importing torch sets its loggers' levels
+    from transformers.utils import logging as hf_logging
+
+    loggers = [logging.getLogger(name) for name in ("torch", "torch.onnx", "transformers")]
+    levels = [logger.level for logger in loggers]
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for logger in loggers:
+                logger.setLevel(logging.ERROR)
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _unreadable(source: Path):
+    """transformers' loading errors (bad config.json, missing weights, not GGUF, unknown
+    model type) as one line: they come as OSError, ValueError, KeyError and others."""
+    try:
+        yield
+    except SparseccError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SparseccError(f"cannot load {source} as a causal LM ({first}); pass a transformers folder "
+                            "(config.json + weights) or a .gguf file") from None
 
 
 def export_step_graph(lm, path: Path):
@@ -115,8 +166,14 @@ def export(source: str | Path, out: str | Path, check_tokens: int = 16, seed: in
     """Export the model at `source` into the folder `out` (replaced atomically); return the
     report. The check runs on the first `check_tokens` tokens of `text`, or without text on
     that many random tokens drawn with `seed`."""
-    if check_tokens < 2:
-        raise SparseccError(f"check_tokens must be at least 2 (got {check_tokens})")
+    with _hushed():
+        return _export(source, out, check_tokens, seed, text)
+
+
+def _export(source, out, check_tokens: int, seed: int, text) -> dict:
+    if not 2 <= check_tokens <= MAX_PAST:
+        raise SparseccError(f"check_tokens must be between 2 and {MAX_PAST} (got {check_tokens}); e.g. --check-tokens 16")
+    check_output_dir(Path(out))   # before the slow load
     tokens = check_tokens_from_text(source, text, check_tokens) if text is not None else None
     log(f"export: loading {source}")
     lm, tokenizer = load_causal_lm(source)

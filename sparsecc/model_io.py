@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from sparsecc.errors import SparseccError
@@ -30,7 +31,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     """Load and validate an ONNX model; raise SparseccError with the fix on any problem."""
     path = Path(path)
     if not path.exists():
-        raise SparseccError(f"model file not found: {path}")
+        raise SparseccError(f"model file not found: {path}; check the path")
     if not path.is_file():
         raise SparseccError(f"{path} is a directory; pass the .onnx file inside it")
     try:
@@ -45,6 +46,11 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise SparseccError(f"{path} uses opset {opset}; sparsecc needs opset {MIN_OPSET} or newer: "
                             f"re-export with opset_version>={MIN_OPSET} or convert it with "
                             "onnx.version_converter.convert_version")
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest or model.ir_version > onnx.IR_VERSION:
+        what = f"opset {opset}" if opset > newest else f"IR version {model.ir_version}"
+        raise SparseccError(f"{path} uses {what}, newer than onnx {onnx.__version__} knows (opset {newest}, IR "
+                            f"version {onnx.IR_VERSION}); re-export it for opset {newest} or upgrade onnx and onnxruntime")
     _check_external_data(model, path.parent.resolve())
     return model
 

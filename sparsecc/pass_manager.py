@@ -133,6 +133,26 @@ def require(condition: bool, message: str) -> None:
         raise PreconditionError(message)
 
 
+def require_thresholds(model: ir.Model, pass_name: str) -> None:
+    """Fail unless the model has Threshold ops, saying why it has none: no linear sites at
+    all, only heads and naturally sparse ones, or no insert-thresholds before `pass_name`."""
+    from sparsecc import ops
+    from sparsecc.sites import analyze
+
+    if any(ops.is_threshold(n) for n in model.graph):
+        return
+    sites = analyze(model.graph).sites
+    if not sites:
+        raise PreconditionError(f"{pass_name} found no Threshold ops: the model has no linear sites (MatMul/Gemm "
+                                "with a constant weight); compile it without --calib/--sparsity")
+    if all(s.head or s.natural for s in sites):
+        heads = sum(s.head for s in sites)
+        raise PreconditionError(f"{pass_name} found no Threshold ops: the model's {len(sites)} linear site(s) are "
+                                f"{heads} head(s), kept dense, and {len(sites) - heads} naturally sparse; pass "
+                                "--include-head to threshold a head, or compile without --calib/--sparsity")
+    raise PreconditionError(f"{pass_name} found no Threshold ops: run insert-thresholds before it")
+
+
 def require_calibration(ctx: Context, pass_name: str) -> None:
     require(ctx.calibration is not None, f"{pass_name} needs calibration data: pass --calib "
                                          "(text + --tokenizer, or an .npz of feeds)")

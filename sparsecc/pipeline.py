@@ -133,7 +133,7 @@ def from_spec(spec: Any, where: str = "pipeline") -> tuple[list[Pass], dict[str,
 def load(path: str | os.PathLike) -> tuple[list[Pass], dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
-        raise SparseccError(f"pipeline file not found: {path}")
+        raise SparseccError(f"pipeline file not found: {path}; check the path")
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

@@ -50,6 +50,10 @@ def compile_markdown(report: dict) -> str:
                          f"{_pct(row['calibrated_sparsity'])} |")
         for row in calib["natural"]:
             lines.append(f"| (natural) | {row['site']} | - | {_pct(row['sparsity'])} |")
+    declined = report.get("target", {}).get("declined") or {}
+    if declined:
+        lines += ["", f"Declined by the `{report['target']['backend']}` backend:", ""]
+        lines += [f"- `{node}`: {reason}" for node, reason in sorted(declined.items())]
     lines += ["", "Measure accuracy and sparsity on held-out data with `sparsecc eval`.", ""]
     return "\n".join(lines)
 
@@ -147,8 +151,11 @@ def simulation_summary(report: dict, speed: dict | None = None) -> str:
 
 def simulation_markdown(report: dict) -> str:
     s, d = report["sparse"], report["dense"]
-    out = ["# sparsecc simulation", "", simulation_summary(report).replace("\n", "\n\n"), "",
-           "| per token | sparse | dense | dense/sparse |", "|---|---|---|---|"]
+    out = ["# sparsecc simulation", "", simulation_summary(report).replace("\n", "\n\n"), ""]
+    if report.get("host_nodes"):
+        out += ["Run on the host, not in these figures: " + ", ".join(
+            f"`{node}` ({reason.split(':')[0]})" for node, reason in sorted(report["host_nodes"].items())), ""]
+    out += ["| per token | sparse | dense | dense/sparse |", "|---|---|---|---|"]
     for key in ("npe", "memory", "controller", "noc", "total"):
         a, b = s["energy_pj_per_token"].get(key, 0.0), d["energy_pj_per_token"].get(key, 0.0)
         out.append(f"| energy {key} (pJ) | {a:,.0f} | {b:,.0f} | {b / a if a else float('nan'):.2f} |")

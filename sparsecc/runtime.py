@@ -7,6 +7,7 @@ calibration and measurement, are added for the session only and removed afterwar
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -23,7 +24,7 @@ def session_options():
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4   # fatal only: errors reach the user as one SparseccError line
     return opts
 
 
@@ -60,10 +61,45 @@ def load_session(path: Path, optimize: bool = True):
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SparseccError(f"ONNX Runtime cannot load the model: {first}") from None
+        raise SparseccError(f"ONNX Runtime {ort.__version__} cannot load the model: {_one_line(exc)}; "
+                            "check its opset, IR version and operators") from None
+    session = CheckedSession(session)
     step = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     return StepSession(session, parse_spec(step)) if step is not None else session
+
+
+class CheckedSession:
+    """An ONNX Runtime session whose failures while running (feeds of the wrong shape or type,
+    token ids outside the vocabulary, ...) come as a one-line SparseccError naming the cause."""
+
+    def __init__(self, session):
+        self._session = session
+
+    def run(self, output_names, feed, *args, **kwargs):
+        try:
+            return self._session.run(output_names, feed, *args, **kwargs)
+        except _ort_errors() as exc:
+            raise SparseccError(f"ONNX Runtime cannot run the model on this data: {_one_line(exc)}; check that the "
+                                "data fits the model's inputs (names, shapes, types, token ids within its "
+                                "vocabulary)") from exc
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+def _ort_errors() -> tuple[type, ...]:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(c for c in vars(state).values() if isinstance(c, type) and issubclass(c, Exception))
+
+
+def _one_line(exc: Exception) -> str:
+    """ONNX Runtime's message on one line, without its status prefix, temporary paths and C++
+    source locations."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"Load model from \S+ failed: ?", "", text)
+    return re.sub(r"/onnxruntime_src/\S+:\d+ .*?\) (?=\S)", "", text).strip()
 
 
 @contextlib.contextmanager

@@ -177,5 +177,8 @@ class Checkpoint:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"levels": {self.label(g): v for g, v in levels.items()}, "history": history}))
-        os.replace(tmp, tmp.with_name(self.path.name))
+        try:
+            tmp.write_text(json.dumps({"levels": {self.label(g): v for g, v in levels.items()}, "history": history}))
+            os.replace(tmp, tmp.with_name(self.path.name))
+        finally:   # interrupted: no partial checkpoint left
+            tmp.unlink(missing_ok=True)

@@ -193,24 +193,11 @@ class Simulator:
         # values a live node writes are already in the value format (or stay in registers: fused);
         # only graph inputs and constants are rounded where they are read
         self.formatted = {v.name for n in self.nodes if n.name in self.live for v in n.outputs}
-        unsupported = sorted({n.op_type for n in self.nodes if n.name in self.live and not self._handled(n)})
-        if unsupported:
-            raise SparseccError(f"the seneca backend has no handler for {', '.join(unsupported)}; "
-                                "run this model with the ort backend")
+        self.host = host_nodes(model, self.live)   # no handler: run on the host, not costed
 
     # Graph facts ---------------------------------------------------------------------------------
     def _data_dependent(self) -> tuple[set[str], set[str]]:
-        """Nodes whose outputs depend on the values of the graph inputs (not only their shapes),
-        and those values (the graph inputs and the nodes' outputs)."""
-        live_values = {v.name for v in self.graph.inputs}
-        live = set()
-        for node in self.nodes:
-            if node.op_type in ("Shape", "Size"):
-                continue
-            if any(v is not None and v.name in live_values for v in node.inputs):
-                live.add(node.name)
-                live_values |= {v.name for v in node.outputs}
-        return live, live_values
+        return data_dependent(self.graph)
 
     def _kind(self, node: ir.Node) -> str:
         if node.name in self.tiles:
@@ -220,9 +207,6 @@ class Simulator:
         if node.op_type in dense.VIEWS:
             return "view"
         return node.op_type
-
-    def _handled(self, node: ir.Node) -> bool:
-        return node.name in self.tiles or ops.is_threshold(node) or dense.supported(node.op_type)
 
     def _fused(self) -> set[str]:
         """Values that stay in registers: made by a fusible op and read only by one fusible op on
@@ -292,7 +276,8 @@ class Simulator:
                         ref = decisions[node.outputs[0].name]
                         outputs = [(ref if node.op_type == "QuantizeLinear" else np.where(ref != 0, live_inputs[0], 0))
                                    .astype(outputs[0].dtype)]
-                    work[node.name] = [self._dense_work(node, kind, live_inputs, outputs, tokens)]
+                    if node.name not in self.host:
+                        work[node.name] = [self._dense_work(node, kind, live_inputs, outputs, tokens)]
                 selects = (node.op_type in _MOVES or kind == "Threshold") and not any(
                     v is not None and v.name in self.fused for v in node.inputs)
                 if not selects:  # a selection of values already in the value format needs no rounding
@@ -596,6 +581,31 @@ class Simulator:
 
 # Ops whose outputs are elements of their inputs (or zeros): no rounding after them.
 _MOVES = (dense.VIEWS | dense.COPIES) - {"Cast", "CastLike", "CumSum", "Range", "ConstantOfShape"}
+
+
+def data_dependent(graph: ir.Graph) -> tuple[set[str], set[str]]:
+    """Nodes whose outputs depend on the values of the graph inputs (not only their shapes),
+    and those values (the graph inputs and the nodes' outputs)."""
+    live_values = {v.name for v in graph.inputs}
+    live = set()
+    for node in graph:
+        if node.op_type in ("Shape", "Size"):
+            continue
+        if any(v is not None and v.name in live_values for v in node.inputs):
+            live.add(node.name)
+            live_values |= {v.name for v in node.outputs}
+    return live, live_values
+
+
+def host_nodes(model: ir.Model, live: set[str] | None = None) -> dict[str, str]:
+    """Nodes the cores have no handler for (node -> reason), among those that depend on the
+    input values. They run on the host: the simulator takes their values from the reference
+    and counts no cost for them; compile reports them as declined, simulate lists them."""
+    tiled = {tile.owner for tile in Placement.of(model).tiles}
+    live = data_dependent(model.graph)[0] if live is None else live
+    return {n.name: f"no seneca handler for {n.op_type}: runs on the host, its cost is not counted"
+            for n in model.graph if n.name in live and n.name not in tiled and not ops.is_threshold(n)
+            and not dense.supported(n.op_type)}
 
 
 def _is_float(x) -> bool:
