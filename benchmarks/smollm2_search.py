@@ -31,6 +31,9 @@ def methods(get, windows: int, rank: int, steps: int) -> dict:
     def allocate(s):
         return [get("allocate-sparsity")(sparsity=s, start=max(s - 0.2, 0.0), windows=windows)]
 
+    def greedy(s):
+        return [get("greedy-blocks")(sparsity=s, windows=windows)]
+
     def compensate():
         return [get("compensate-lowrank")(rank=rank)]
 
@@ -39,12 +42,13 @@ def methods(get, windows: int, rank: int, steps: int) -> dict:
 
     return {   # key: (label, passes)
         "uniform": ("uniform (one level)", calibrate),
-        "greedy": ("greedy-blocks (TEAL)", lambda s: [get("greedy-blocks")(sparsity=s, windows=windows)]),
+        "greedy": ("greedy-blocks (TEAL)", greedy),
         "allocate": ("allocate-sparsity (by role)", allocate),
         "wina": ("weight-scores (WINA) + uniform", lambda s: [get("weight-scores")()] + calibrate(s)),
         "compensate": (f"compensate-lowrank r={rank} + uniform", lambda s: compensate() + calibrate(s)),
         "finetune": ("uniform + finetune-bands", lambda s: calibrate(s) + finetune()),
         "allocate+finetune": ("allocate + finetune-bands", lambda s: allocate(s) + finetune()),
+        "greedy+finetune": ("greedy-blocks + finetune-bands", lambda s: greedy(s) + finetune()),
         "compensate+allocate+finetune": (f"compensate r={rank} + allocate + finetune",
                                          lambda s: compensate() + allocate(s) + finetune()),
     }
