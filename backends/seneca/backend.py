@@ -157,7 +157,15 @@ def simulate(out_dir: Path, source, compare: bool = True, positions: tuple[int, 
                     pinned.add_quantized(same.outputs[x], acts[y], *[sparse.constants.get(v.name) if v is not None else None
                                                                      for v in node.inputs[1:3]])
             tokens += result.tokens
-    report = {"schema": "sparsecc.simulation/1", "target": target.name, "tokens": tokens, "windows": len(runs["sparse"]),
+    return simulation_report(sparse, target, runs, len(runs["sparse"]), tokens, sim_seconds,
+                             (own, pinned, ort_macs, pinned_macs, ort_seconds) if compare else None)
+
+
+def simulation_report(sparse, target: Target, runs: dict, windows: int, tokens: int, sim_seconds: float,
+                      checked: tuple | None) -> dict:
+    """The simulation report from the sparse and dense runs and, when checked against ORT,
+    (own decisions, ORT's decisions, ORT's effective MACs, MACs with ORT's decisions, ORT seconds)."""
+    report = {"schema": "sparsecc.simulation/1", "target": target.name, "tokens": tokens, "windows": windows,
               "sparse": _summary(runs["sparse"], target), "dense": _summary(runs["dense"], target)}
     if sparse.host:   # declined at compile: values from the reference, cost left out of every figure
         report["host_nodes"] = sparse.host
@@ -166,7 +174,8 @@ def simulate(out_dir: Path, source, compare: bool = True, positions: tuple[int, 
                        "latency": d["latency_cycles_per_token"] / s["latency_cycles_per_token"],
                        "effective_macs": d["mac_lane_ops"] / max(1, s["mac_lane_ops"])}
     report["speed"] = {"simulated_tokens_per_s": tokens / sim_seconds}
-    if compare:
+    if checked is not None:
+        own, pinned, ort_macs, pinned_macs, ort_seconds = checked
         report["vs_ort"] = own.summary() | {
             "ort_effective_macs": ort_macs, "simulator_mac_lane_ops": s["mac_lane_ops"],
             "mac_difference": (s["mac_lane_ops"] - ort_macs) / max(1, ort_macs),

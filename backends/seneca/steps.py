@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsecc import model_io, ops
-from sparsecc.backends.seneca.backend import Agreement, _summary, step_functions
+from sparsecc.backends.seneca.backend import Agreement, _summary, simulation_report, step_functions
 from sparsecc.backends.seneca.simulator import Simulator, StepResult
 from sparsecc.errors import SparseccError
 from sparsecc.passes.partition import WORD
@@ -134,22 +134,9 @@ def simulate_steps(out_dir: Path, model, target: Target, source, compare: bool, 
                                                                      for v in node.inputs[1:3]])
     if not runs["sparse"]:
         raise SparseccError("no windows to simulate; give more text or fewer --tokens")
-    report = {"schema": "sparsecc.simulation/1", "target": target.name, "tokens": tokens, "windows": len(source),
-              "step_graph": {"arch": spec.arch, "states": len(spec.states), "tokens_per_step": 1},
-              "sparse": _summary(runs["sparse"], target), "dense": _summary(runs["dense"], target)}
-    s, d = report["sparse"], report["dense"]
-    report["ratio"] = {"energy": d["energy_pj_per_token"]["total"] / s["energy_pj_per_token"]["total"],
-                       "latency": d["latency_cycles_per_token"] / s["latency_cycles_per_token"],
-                       "effective_macs": d["mac_lane_ops"] / max(1, s["mac_lane_ops"])}
-    report["speed"] = {"simulated_tokens_per_s": tokens / sim_seconds}
-    if compare:
-        report["vs_ort"] = own.summary() | {
-            "ort_effective_macs": ort_macs, "simulator_mac_lane_ops": s["mac_lane_ops"],
-            "mac_difference": (s["mac_lane_ops"] - ort_macs) / max(1, ort_macs),
-            "with_ort_decisions": pinned.summary() | {"simulator_mac_lane_ops": pinned_macs,
-                                                      "mac_difference": (pinned_macs - ort_macs) / max(1, ort_macs)}}
-        report["speed"]["ort_tokens_per_s"] = tokens / ort_seconds
-        report["speed"]["slowdown_vs_ort"] = ort_seconds and sim_seconds / ort_seconds
+    report = simulation_report(sparse, target, runs, len(source), tokens, sim_seconds,
+                               (own, pinned, ort_macs, pinned_macs, ort_seconds) if compare else None)
+    report["step_graph"] = {"arch": spec.arch, "states": len(spec.states), "tokens_per_step": 1}
     measured = []
     if positions:
         measured = per_position(out_dir, model, sparse, dense, spec, position_source, tuple(positions), position_tokens)
