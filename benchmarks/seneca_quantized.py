@@ -20,8 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "wikitext-2"
+from smollm2_setup import DATA, MODEL_DIR, load  # a sibling module: benchmarks run as scripts
 # (label, --quant, quantize-activations max_error): w8a8 keeps 16-bit events where int8 would
 # lose more than 0.1% of a tensor's power (the default); "all int8" quantizes every one
 QUANTS = (("16-bit", None, None), ("w8", "w8", None), ("w8a8", "w8a8", None), ("w8a8 all int8", "w8a8", 1.0))
@@ -34,19 +33,14 @@ def main(argv=None) -> None:
     from sparsecc.passes import get
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-dir", type=Path, default=REPO / "build" / "smollm2-135m")
+    ap.add_argument("--model-dir", type=Path, default=MODEL_DIR)
     ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.6])
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=256, help="tokens simulated (one window of test.txt)")
     args = ap.parse_args(argv)
-    model = args.model_dir / "model.onnx"
-    if not model.is_file():
-        raise SystemExit(f"{model} not found: run python samples/smollm2/build.py first")
-    calib = sparsecc.data_source(DATA / "valid.txt", args.model_dir, 256, args.calib_windows)
-    test = sparsecc.data_source(DATA / "test.txt", args.model_dir, 256, args.eval_windows)
+    model, calib, test, float_ppl = load(args.model_dir, args.calib_windows, args.eval_windows)
     window = sparsecc.data_source(DATA / "test.txt", args.model_dir, args.tokens, 1)
-    float_ppl = sparsecc.evaluate(model, test)["result"]["perplexity"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for target in args.targets:

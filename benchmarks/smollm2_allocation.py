@@ -16,8 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "wikitext-2"
+from smollm2_setup import MODEL_DIR, load  # a sibling module: benchmarks run as scripts
 
 
 def main(argv=None) -> None:
@@ -26,17 +25,12 @@ def main(argv=None) -> None:
     from sparsecc.passes import get
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-dir", type=Path, default=REPO / "build" / "smollm2-135m")
+    ap.add_argument("--model-dir", type=Path, default=MODEL_DIR)
     ap.add_argument("--targets", type=float, nargs="+", default=[0.4, 0.5])
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--eval-windows", type=int, default=64)
     args = ap.parse_args(argv)
-    model = args.model_dir / "model.onnx"
-    if not model.is_file():
-        raise SystemExit(f"{model} not found: run python samples/smollm2/build.py first")
-    calib = sparsecc.data_source(DATA / "valid.txt", args.model_dir, 256, args.calib_windows)
-    test = sparsecc.data_source(DATA / "test.txt", args.model_dir, 256, args.eval_windows)
-    dense = sparsecc.evaluate(model, test)["result"]["perplexity"]
+    model, calib, test, dense = load(args.model_dir, args.calib_windows, args.eval_windows)
     methods = {
         "one level (mac-weighted)": lambda s: get("calibrate-thresholds")(sparsity=s),
         "allocated by role": lambda s: get("allocate-sparsity")(sparsity=s, start=s - 0.2),

@@ -19,8 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "wikitext-2"
+from smollm2_setup import MODEL_DIR, load  # a sibling module: benchmarks run as scripts
 
 
 def methods(get, windows: int, rank: int, steps: int) -> dict:
@@ -60,7 +59,7 @@ def main(argv=None) -> None:
     from sparsecc.passes import get
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-dir", type=Path, default=REPO / "build" / "smollm2-135m")
+    ap.add_argument("--model-dir", type=Path, default=MODEL_DIR)
     ap.add_argument("--targets", type=float, nargs="+", default=[0.4, 0.5, 0.6])
     ap.add_argument("--methods", nargs="+", help="keys of the methods to run (default all): " + ", ".join(methods(None, 1, 1, 1)))
     ap.add_argument("--calib-windows", type=int, default=32)
@@ -69,18 +68,13 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=32, help="rank of the low-rank compensation")
     ap.add_argument("--steps", type=int, default=80, help="finetune-bands steps (on 16 calibration windows)")
     args = ap.parse_args(argv)
-    model = args.model_dir / "model.onnx"
-    if not model.is_file():
-        raise SystemExit(f"{model} not found: run python samples/smollm2/build.py first")
     table = methods(get, args.search_windows, args.rank, args.steps)
     if args.methods:
         unknown = sorted(set(args.methods) - set(table))
         if unknown:
             raise SystemExit(f"unknown method {unknown[0]!r}; methods: {', '.join(table)}")
         table = {k: table[k] for k in args.methods}
-    calib = sparsecc.data_source(DATA / "valid.txt", args.model_dir, 256, args.calib_windows)
-    test = sparsecc.data_source(DATA / "test.txt", args.model_dir, 256, args.eval_windows)
-    dense = sparsecc.evaluate(model, test)["result"]["perplexity"]
+    model, calib, test, dense = load(args.model_dir, args.calib_windows, args.eval_windows)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for target in args.targets:
@@ -96,7 +90,7 @@ def main(argv=None) -> None:
                 print(f"{target:.0%} {label}: ppl {r['perplexity']:.3f} ({r['perplexity'] / dense - 1:+.1%}), "
                       f"body {r['macs']['body']['sparsity']:.1%}, {seconds:.0f} s", flush=True)
     print(f"\nSmolLM2-135M, perplexity on {len(test)} x 256 tokens of test.txt (dense {dense:.3f})")
-    print(f"| target | method | ppl | vs dense | body sparsity (test) | search passes | compile s |")
+    print("| target | method | ppl | vs dense | body sparsity (test) | search passes | compile s |")
     print("|---|---|---|---|---|---|---|")
     for target, label, ppl, body, passes, seconds in rows:
         print(f"| {target:.0%} | {label} | {ppl:.3f} | {ppl / dense - 1:+.1%} | {body:.1%} | {passes} | {seconds:.0f} |")
