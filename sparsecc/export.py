@@ -18,7 +18,7 @@ import numpy as np
 from sparsecc.errors import SparseccError
 from sparsecc.model_io import atomic_dir, check_output_dir, save_model
 from sparsecc.progress import log
-from sparsecc.stepgraph import LOGITS, METADATA_KEY, TOKEN, run_tokens, state_input, state_output
+from sparsecc.stepgraph import LOGITS, METADATA_KEY, TOKEN, state_input, state_output
 
 # |ONNX Runtime - PyTorch| allowed on logits, relative to the logits' largest magnitude:
 # float32 with a different summation order, carried through the state over the check.
@@ -137,11 +137,8 @@ def check_parity(lm, path: Path, tokens: list[int]) -> dict:
     whole sequence: max |diff| of the logits."""
     torch = _torch()
     from sparsecc.runtime import load_session
-    from sparsecc.stepgraph import read_spec
 
-    spec = read_spec(path)
-    session = load_session(path)
-    onnx_logits = run_tokens(session, spec, tokens)
+    onnx_logits = load_session(path).logits(tokens)
     with torch.no_grad():
         reference = lm(input_ids=torch.tensor([tokens]), use_cache=False).logits[0].float().numpy()
     diff = float(np.abs(onnx_logits - reference).max())

@@ -144,9 +144,6 @@ class StepSession:
             state = {state_input(i): values[name] for i, name in enumerate(self.state_outputs)}
         return [np.concatenate(steps[n], axis=1) if n == LOGITS else np.stack(steps[n]) for n in names]
 
-
-def run_tokens(session, spec: StepSpec, tokens: Iterable[int]) -> np.ndarray:
-    """Logits [T, vocab] of a step graph fed `tokens` one at a time from the initial state."""
-    if not isinstance(session, StepSession):
-        session = StepSession(session, spec)
-    return session.run([LOGITS], {TOKEN: np.array([list(tokens)], dtype=np.int64)})[0][0]
+    def logits(self, tokens: Iterable[int]) -> np.ndarray:
+        """Logits [T, vocab] of `tokens` fed one at a time from the initial state."""
+        return self.run([LOGITS], {TOKEN: np.array([list(tokens)], dtype=np.int64)})[0][0]

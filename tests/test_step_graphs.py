@@ -26,7 +26,7 @@ from sparsecc.export import check_parity, export_step_graph
 from sparsecc.model_io import load_model
 from sparsecc.runtime import load_session
 from sparsecc.sites import analyze, weight_array
-from sparsecc.stepgraph import METADATA_KEY, StepSession, read_spec, run_tokens
+from sparsecc.stepgraph import METADATA_KEY, StepSession, read_spec
 from sparsecc.threshold_search import thresholds_by_role
 
 VOCAB = 96
@@ -83,11 +83,18 @@ def test_onnx_runtime_equals_pytorch_token_by_token(exported, arch):
     # the state matters: the same tokens from a fresh state at every step give other logits
     spec = read_spec(path)
     session = load_session(path)
-    carried = run_tokens(session, spec, tokens)
-    fresh = np.stack([run_tokens(session, spec, [t])[0] for t in tokens])
-    # a window fed whole to the session (as calibration and eval feed it) is the same token loop
+    carried = session.logits(tokens)
+    fresh = np.stack([session.logits([t])[0] for t in tokens])
+    # a window fed whole to the session (as calibration and eval feed it) = a hand loop on ONNX
+    # Runtime itself carrying new_state.i to state.i
     window = session.run(["logits"], {"input_ids": np.array([tokens], dtype=np.int64)})[0]
-    assert window.shape == (1, len(tokens), VOCAB) and np.array_equal(window[0], carried)
+    state, by_hand = spec.initial_state(), []
+    for t in tokens:
+        logits, *new = session.session.run(None, {"input_ids": np.array([[t]], dtype=np.int64), **state})
+        by_hand.append(logits.reshape(-1))
+        state = {f"state.{i}": value for i, value in enumerate(new)}
+    assert window.shape == (1, len(tokens), VOCAB) and np.array_equal(window[0], np.stack(by_hand))
+    assert np.array_equal(carried, window[0])
     assert np.abs(carried[1:] - fresh[1:]).max() > 1e-2
 
 
