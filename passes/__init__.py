@@ -10,6 +10,7 @@ from sparsecc.passes.allocate_sparsity import AllocateSparsity
 from sparsecc.passes.calibrate_thresholds import CalibrateThresholds
 from sparsecc.passes.compensate_lowrank import CompensateLowrank
 from sparsecc.passes.discover_sites import DiscoverSites
+from sparsecc.passes.distill import Distill
 from sparsecc.passes.finetune_bands import FinetuneBands
 from sparsecc.passes.fold_qdq import FoldQdq
 from sparsecc.passes.greedy_blocks import GreedyBlocks
@@ -22,7 +23,7 @@ from sparsecc.passes.weight_scores import WeightScores
 
 BUILTIN: dict[str, type[Pass]] = {p.name: p for p in (DiscoverSites, FoldQdq, InsertThresholds, CalibrateThresholds, AllocateSparsity,
                                               QuantizeWeights, QuantizeActivations, SequentialSearch, Partition, GreedyBlocks,
-                                              CompensateLowrank, WeightScores, FinetuneBands)}
+                                              CompensateLowrank, WeightScores, FinetuneBands, Distill)}
 
 
 def registry() -> dict[str, type[Pass]]:

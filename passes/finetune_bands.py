@@ -41,7 +41,8 @@ from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, require, require_calibration
 from sparsecc.progress import bar, log
 from sparsecc.stepgraph import is_step_graph
-from sparsecc.threshold_search import Checkpoint, model_sparsity, role_label, thresholds_by_role
+from sparsecc.threshold_search import (Checkpoint, common_factor, role_label, scaled_levels, thresholds_by_role,
+                                       threshold_sparsity, visit_order)
 
 INSTALL = "pip install -e '.[export]' (torch==2.13.0, the CPU build)"
 
@@ -125,7 +126,7 @@ class FinetuneBands(Pass):
         hists = collect(model, statistics, ctx.calibration, ctx.cache_dir, desc="finetune: statistics")
         entry = {th.node.name: ops.threshold_level(th.node) for th in thresholds}
         entry_t = _t_arrays(thresholds)
-        target = _model_sparsity(thresholds, natural, hists, entry)
+        target = threshold_sparsity(thresholds, natural, hists, entry)
         trained = [th for th in thresholds if entry[th.node.name] > 0]
         index = {th.node.name: i for i, th in enumerate(trained)}
         tau = torch.tensor([c.temperature * (hists[th.source].threshold_for(0.5) or entry[th.node.name])
@@ -135,7 +136,7 @@ class FinetuneBands(Pass):
 
         def on_target(levels: dict, statistics: dict) -> float:
             """The common factor on the trained levels that puts the model-wide sparsity on the target."""
-            return _common_factor(lambda f: _model_sparsity(thresholds, natural, statistics, _scaled(levels, index, f)),
+            return common_factor(lambda f: threshold_sparsity(thresholds, natural, statistics, scaled_levels(levels, index, f)),
                                   target)
 
         graph = TorchGraph(model)
@@ -147,7 +148,7 @@ class FinetuneBands(Pass):
         resumed = len(history)
         bands = (bt.BandState.from_json([saved[name] for name in index]) if history
                  else bt.BandState.start([entry[name] for name in index]))
-        order = _schedule(len(feeds), c.steps * c.batch, c.seed)
+        order = visit_order(len(feeds), c.steps * c.batch, c.seed)
         passes = collections.Counter()
         dense = [None] * len(feeds)   # the reference outputs of a squared-error loss
         if kind == "squared-error":
@@ -189,7 +190,7 @@ class FinetuneBands(Pass):
             hists_now = collect(model, statistics, ctx.calibration, ctx.cache_dir,
                                 desc=f"finetune: re-measuring ({round_ + 1}/{c.refine})")
         factor = on_target(learned, hists_now)
-        final = _scaled(learned, index, factor)
+        final = scaled_levels(learned, index, factor)
         for th in thresholds:
             ops.set_threshold(th.node, final[th.node.name])
         after = measured(_t_arrays(thresholds))
@@ -204,7 +205,7 @@ class FinetuneBands(Pass):
                 for th in thresholds]
         return {
             "changed": True, "target": round(target, 6),
-            "calibrated_model_sparsity": round(_model_sparsity(thresholds, natural, hists_now, final), 6),
+            "calibrated_model_sparsity": round(threshold_sparsity(thresholds, natural, hists_now, final), 6),
             "common_factor": factor,
             "loss": {"kind": kind, "before": before, "after": after, "windows": len(feeds)},
             "sparsity_by_role": _by_role(rows),
@@ -231,37 +232,6 @@ def _first_feeds(source, inputs: list[str], count: int) -> list[dict]:
 def _t_arrays(thresholds) -> dict[str, np.ndarray]:
     """Each Threshold's t as stored (a scalar, or a vector for a weight-aware one)."""
     return {th.node.name: np.array(th.node.inputs[1].const_value.numpy()) for th in thresholds}
-
-
-def _model_sparsity(thresholds, natural, hists, levels: dict) -> float:
-    """Model-wide MAC-weighted sparsity (threshold_search's formula) with each threshold at the
-    sparsity its level gives on its statistic."""
-    return model_sparsity(thresholds, natural, hists,
-                          {th.group: hists[th.source].sparsity_at(levels[th.node.name]) for th in thresholds})
-
-
-def _scaled(levels: dict, trained: dict, factor: float) -> dict:
-    return {k: v * factor if k in trained else v for k, v in levels.items()}
-
-
-def _common_factor(sparsity, target: float) -> float:
-    """The smallest factor f with sparsity(f) >= target (sparsity is monotone in f), by bisection."""
-    low, high = 0.0, 1.0
-    while sparsity(high) < target and high < 1e6:
-        low, high = high, high * 2
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if sparsity(mid) < target else (low, mid)
-    return high
-
-
-def _schedule(windows: int, length: int, seed: int) -> list[int]:
-    """Window indices to visit: shuffled passes over all windows, from `seed`."""
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    while len(order) < length:
-        order.extend(int(i) for i in rng.permutation(windows))
-    return order[:length]
 
 
 def _by_role(rows: list[dict]) -> dict:

@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "rank-R factor of the weight (R-Sparse; compensate-lowrank); its MACs count in the target")
     s.add_argument("--finetune-steps", type=int, metavar="N", help="then learn every threshold for N steps at the "
                    "same model-wide sparsity (finetune-bands; needs torch)")
+    s.add_argument("--distill-steps", type=int, metavar="N", help="then train the weights for N steps with the "
+                   "thresholds in place, against the model with them open (distill; needs torch)")
+    s.add_argument("--distill-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of distill, e.g. samples=2000 or lr=5e-5 (repeatable)")
+    c.add_argument("--calib-samples", dest="samples", type=int, metavar="N", help="add N windows sampled from the "
+                   "model itself to the calibration data (or use them alone, without --calib; needs torch)")
+    c.add_argument("--sample-temperature", type=float, metavar="T", help="temperature of those samples (default 1)")
+    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the PyTorch-based "
+                   "work runs (distill, sampling): auto takes a CUDA GPU when there is one (default auto)")
     c.add_argument("--dump-after", action="append", default=[], metavar="PASS",
                    help="write the IR as text after this pass (id or name) to OUT.dumps/")
     group = c.add_argument_group("pass options (from the passes' configs)")
@@ -146,7 +155,8 @@ def _compile(args) -> dict:
     flag_values = {k: v for k, v in flag_values.items() if v is not None}
     search_flags = {"search": args.search, "search_option": args.search_option or None,
                     "weight_scores": args.weight_scores or None, "compensate_rank": args.compensate_rank,
-                    "finetune_steps": args.finetune_steps}
+                    "finetune_steps": args.finetune_steps, "distill_steps": args.distill_steps,
+                    "distill_option": args.distill_option or None}
     flag_values |= {k: v for k, v in search_flags.items() if v is not None}
     if args.pipeline:
         if args.quant:
@@ -162,7 +172,7 @@ def _compile(args) -> dict:
             own = {f.name: flag_values[f.name] for f in cfg.fields(cls.Config) if f.name in flag_values}
             options[name] = cfg.build(cls.Config, own, name)  # validates early, with the flag's name
         # no calibration data and no sparsity asked for: compile the model as it is (no thresholds)
-        thresholds = args.data is not None or args.sparsity is not None
+        thresholds = args.data is not None or args.samples is not None or args.sparsity is not None
         if args.search == "sequential-search" and args.sparsity is not None:
             raise SparseccError("sequential-search has no sparsity target: its knob is loss_inc "
                                 "(--search-option loss_inc=1.0005); drop --sparsity")
@@ -171,7 +181,9 @@ def _compile(args) -> dict:
                                             thresholds=thresholds, search=args.search or pipelines.SEARCHES[0],
                                             search_options=_key_values(args.search_option, "--search-option"),
                                             weight_scores=args.weight_scores, compensate_rank=args.compensate_rank or 0,
-                                            finetune_steps=args.finetune_steps or 0)
+                                            finetune_steps=args.finetune_steps or 0,
+                                            distill_steps=args.distill_steps or 0,
+                                            distill_options=_key_values(args.distill_option, "--distill-option"))
         data = {}
     data = {k: v for k, v in data.items() if v is not None}
     for key in pipelines.DATA_KEYS:  # flags override the pipeline file's data
@@ -182,10 +194,12 @@ def _compile(args) -> dict:
         if key in data:
             data[key] = str(Path(data[key]).resolve())
     data.setdefault("seq_len", 256)
-    source = compiler.data_source(data.get("calib"), data.get("tokenizer"), data["seq_len"], data.get("windows"))
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    source = compiler.data_source(data.get("calib"), data.get("tokenizer"), data["seq_len"], data.get("windows"),
+                                  data.get("samples", 0), args.model, data.get("sample_temperature", 1.0),
+                                  args.device, cache)
     result = compiler.compile_model(args.model, passes, source, out=args.out, target=args.target, data=data,
-                                    cache_dir=cache, dump_after=tuple(args.dump_after))
+                                    cache_dir=cache, dump_after=tuple(args.dump_after), device=args.device)
     setters = [p for p in result.report["passes"] if "calibrated_model_sparsity" in p["details"]]
     if not args.json and setters:
         last = setters[-1]

@@ -21,13 +21,29 @@ CONFIG = "config.yaml"
 
 
 def data_source(calib: str | os.PathLike | None, tokenizer: str | os.PathLike | None = None,
-                seq_len: int = 256, windows: int | None = None) -> FeedSource | None:
-    """Feeds from a text file/folder (with a tokenizer) or an .npz of feeds."""
-    if calib is None:
-        return None
-    if str(calib).endswith(".npz"):
-        return NpzFeeds(calib, limit=windows)
-    return TextWindows(calib, tokenizer, seq_len=seq_len, limit=windows)
+                seq_len: int = 256, windows: int | None = None, samples: int = 0, model: str | os.PathLike | None = None,
+                sample_temperature: float = 1.0, device: str = "auto", cache_dir: Path | None = None) -> FeedSource | None:
+    """Feeds from a text file/folder (with a tokenizer) or an .npz of feeds; with `samples`,
+    plus that many windows sampled from `model` itself (sparsecc.sampling), each started with
+    the tokenizer's BOS."""
+    source = None
+    if calib is not None:
+        source = NpzFeeds(calib, limit=windows) if str(calib).endswith(".npz") else \
+            TextWindows(calib, tokenizer, seq_len=seq_len, limit=windows)
+    if not samples:
+        return source
+    from sparsecc.data import MixedFeeds, Tokenizer
+    from sparsecc.sampling import SampledWindows
+
+    if tokenizer is None:
+        raise SparseccError("sampled calibration windows start with the tokenizer's BOS token: pass --tokenizer")
+    bos = (source.tokenizer if isinstance(source, TextWindows) else Tokenizer(tokenizer)).bos_id
+    if bos is None:
+        raise SparseccError(f"the tokenizer {tokenizer} adds no BOS token to start sampled windows with; "
+                            "use --calib text only (drop --calib-samples)")
+    sampled = SampledWindows(model, samples, seq_len, bos, temperature=sample_temperature, device=device,
+                             cache_dir=cache_dir)
+    return sampled if source is None else MixedFeeds([source, sampled])
 
 
 @dataclasses.dataclass
@@ -39,10 +55,11 @@ class CompileResult:
 
 def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration: Any = None,
                   out: str | os.PathLike | None = None, target: str = "ort", data: dict | None = None,
-                  cache_dir: Path | None = None, dump_after: tuple[str, ...] = ()) -> CompileResult:
+                  cache_dir: Path | None = None, dump_after: tuple[str, ...] = (), device: str = "auto") -> CompileResult:
     """Run `passes` on the model at `model_path`; with `out`, write the model, reports and the
     resolved configuration there atomically. `calibration`: a FeedSource (see `data_source`),
-    any iterable of feed dicts, or an ONNX Runtime CalibrationDataReader."""
+    any iterable of feed dicts, or an ONNX Runtime CalibrationDataReader. `device`: where the
+    PyTorch-based passes run (auto, cpu, cuda)."""
     from sparsecc import backends
 
     calibration = as_feed_source(calibration)
@@ -59,7 +76,7 @@ def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration
     model = model_io.load_model(model_path)
     if "fold-qdq" not in present and any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph):
         passes.insert(0, registry.get("fold-qdq")())   # an already-quantized (QDQ) model: its form first
-    ctx = Context(calibration=calibration, cache_dir=cache_dir)
+    ctx = Context(calibration=calibration, cache_dir=cache_dir, device=device)
     manager = PassManager(passes, dump_after=dump_after,
                           dump_dir=Path(out).with_name(Path(out).name + ".dumps") if out else None)
     pass_reports = manager.run(model, ctx)

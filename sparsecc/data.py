@@ -99,6 +99,11 @@ class FeedSource:
     def describe(self) -> dict:
         return {"kind": type(self).__name__}
 
+    def with_windows(self, limit: int | None) -> FeedSource:
+        """The same data with another window count (None: every window there is); sources
+        that cannot be re-cut return themselves."""
+        return self
+
 
 def windows(ids: np.ndarray, seq_len: int, bos_id: int | None, limit: int | None = None) -> np.ndarray:
     """Cut `ids` into full windows of `seq_len` tokens, each led by `bos_id` when given.
@@ -156,6 +161,9 @@ class TextWindows(FeedSource):
     def key(self) -> str:
         return hashlib.sha256(self.rows.tobytes()).hexdigest()
 
+    def with_windows(self, limit):
+        return TextWindows(self.path, self.tokenizer, self.seq_len, limit)
+
     def describe(self) -> dict:
         return {"kind": "text", "path": str(self.path), "tokenizer": str(self.tokenizer.path),
                 "seq_len": self.seq_len, "windows": len(self.rows), "tokens": int(self.rows.size),
@@ -204,6 +212,9 @@ class NpzFeeds(FeedSource):
     def describe(self):
         return {"kind": "npz", "path": str(self.path), "samples": self.count}
 
+    def with_windows(self, limit):
+        return NpzFeeds(self.path, limit)
+
 
 class IterableFeeds(FeedSource):
     """Feed dicts from Python: materialised once (they are replayed when a pass calibrates twice)."""
@@ -223,6 +234,30 @@ class IterableFeeds(FeedSource):
     def feeds(self, input_names):
         for item in self.items:
             yield {n: np.asarray(item[n]) for n in input_names}
+
+
+class MixedFeeds(FeedSource):
+    """Several sources one after the other (e.g. the user's text and text sampled from the model)."""
+
+    def __init__(self, sources: list[FeedSource]):
+        self.sources = list(sources)
+
+    def __len__(self):
+        return sum(len(s) for s in self.sources)
+
+    def feeds(self, input_names):
+        for source in self.sources:
+            yield from source.feeds(input_names)
+
+    def key(self):
+        keys = [s.key() for s in self.sources]
+        return None if None in keys else hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+    def describe(self):
+        return {"kind": "mixed", "windows": len(self), "parts": [s.describe() for s in self.sources]}
+
+    def with_windows(self, limit):
+        return MixedFeeds([s.with_windows(limit) for s in self.sources])
 
 
 def as_feed_source(data: FeedSource | Iterable[dict] | object | None) -> FeedSource | None:

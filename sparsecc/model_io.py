@@ -129,6 +129,15 @@ def _inline_tensors(model: ir.Model) -> Iterator[None]:
             value.const_value = tensor
 
 
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """A saved model's file and the external-data files its initializers name."""
+    path = Path(path)
+    model = load_model(path)
+    locations = {v.const_value.location for v in model.graph.initializers.values()
+                 if isinstance(v.const_value, ir.ExternalTensor)}
+    return [path, *(path.parent / location for location in sorted(locations))]
+
+
 def fingerprint(files: list[Path]) -> str:
     """sha256 over the bytes of `files`: identifies a saved model for caching."""
     digest = hashlib.sha256()

@@ -27,6 +27,7 @@ class Context:
 
     calibration: Any = None            # a sparsecc.data.FeedSource, for passes that calibrate
     cache_dir: Path | None = None      # calibration cache; None disables caching
+    device: str = "auto"               # where PyTorch-based passes run (sparsecc.devices)
 
 
 @dataclasses.dataclass(frozen=True)

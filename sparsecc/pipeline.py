@@ -30,7 +30,7 @@ from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Pass
 
 SCHEMA = "sparsecc.pipeline/1"
-DATA_KEYS = ("calib", "tokenizer", "seq_len", "windows")
+DATA_KEYS = ("calib", "tokenizer", "seq_len", "windows", "samples", "sample_temperature")
 
 
 # --quant choices -> quantize-weights options (and quantize-activations for int8 events)
@@ -46,7 +46,8 @@ def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_cons
                      include_head: bool = False, refine: int = 1, quant: str | None = None,
                      thresholds: bool = True, search: str = "calibrate-thresholds",
                      search_options: dict[str, Any] | None = None, weight_scores: bool = False,
-                     compensate_rank: int = 0, finetune_steps: int = 0) -> list[Pass]:
+                     compensate_rank: int = 0, finetune_steps: int = 0, distill_steps: int = 0,
+                     distill_options: dict[str, Any] | None = None) -> list[Pass]:
     """The standard sparsification pipeline; with `quant` ("w8", "w4", "w8a8"), weights are
     quantized first, so thresholds are calibrated on the quantized model; "w8a8" then
     quantizes the sites' inputs to int8 (raising thresholds to the quantizer's zero band).
@@ -56,15 +57,19 @@ def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_cons
     `search` names the pass that sets the thresholds (one of SEARCHES), with `sparsity` and
     `refine` where it has them and `search_options` for the rest. `weight_scores` thresholds
     on |x| x weight-column norm (weight-scores), `compensate_rank` > 0 adds low-rank
-    compensation (compensate-lowrank) and `finetune_steps` > 0 learns the bands afterwards
-    (finetune-bands)."""
+    compensation (compensate-lowrank), `finetune_steps` > 0 learns the bands afterwards
+    (finetune-bands) and `distill_steps` > 0 then trains the weights with the thresholds in
+    place (distill, with `distill_options`)."""
     from sparsecc import passes
 
+    if distill_options and not distill_steps:
+        raise SparseccError("distill options given without distill steps: add --distill-steps N")
     if quant is not None and quant not in QUANT:
         raise SparseccError(f"unknown weight quantization {quant!r}; choose one of {', '.join(QUANT)}")
     if quant in EVENTS8 and not thresholds:
         raise SparseccError(f"--quant {quant} calibrates int8 events: pass --calib (text + --tokenizer, or an .npz)")
-    extras = weight_scores or compensate_rank or finetune_steps or search_options or search != SEARCHES[0]
+    extras = (weight_scores or compensate_rank or finetune_steps or distill_steps or search_options
+              or search != SEARCHES[0])
     if extras and not thresholds:
         raise SparseccError("a threshold search, weight scores, compensation or fine-tuning needs calibration "
                             "data: pass --calib (text + --tokenizer, or an .npz)")
@@ -73,6 +78,7 @@ def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_cons
         *([passes.get("compensate-lowrank")(rank=compensate_rank)] if compensate_rank else []),
         _search(search, sparsity, mode, refine, search_options or {}),
         *([passes.get("finetune-bands")(steps=finetune_steps)] if finetune_steps else []),
+        *([_distill(distill_steps, distill_options or {})] if distill_steps else []),
     ] if thresholds else []
     return [
         passes.get("discover-sites")(),
@@ -81,6 +87,13 @@ def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_cons
         *steps,
         *([passes.get("quantize-activations")()] if quant in EVENTS8 else []),
     ]
+
+
+def _distill(steps: int, options: dict[str, Any]) -> Pass:
+    from sparsecc import passes
+
+    cls = passes.get("distill")
+    return cls(cfg.build(cls.Config, {"steps": steps} | options, "distill"))
 
 
 def _search(name: str, sparsity: float, mode: str, refine: int, options: dict[str, Any]) -> Pass:
@@ -124,9 +137,11 @@ def from_spec(spec: Any, where: str = "pipeline") -> tuple[list[Pass], dict[str,
     if not isinstance(data, dict) or set(data) - set(DATA_KEYS):
         raise SparseccError(f"{where}: `data:` takes only {', '.join(DATA_KEYS)}")
     for key, value in data.items():
-        kind = str if key in ("calib", "tokenizer") else int
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            raise SparseccError(f"{where}: data: {key} must be {'a path' if kind is str else 'an integer'} (got {value!r})")
+        kind = str if key in ("calib", "tokenizer") else float if key == "sample_temperature" else int
+        ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+        if value is not None and (not ok or isinstance(value, bool)):
+            what = {str: "a path", int: "an integer", float: "a number"}[kind]
+            raise SparseccError(f"{where}: data: {key} must be {what} (got {value!r})")
     return built, data
 
 

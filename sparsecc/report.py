@@ -50,12 +50,35 @@ def compile_markdown(report: dict) -> str:
                          f"{_pct(row['calibrated_sparsity'])} |")
         for row in calib["natural"]:
             lines.append(f"| (natural) | {row['site']} | - | {_pct(row['sparsity'])} |")
+    lines += _distill_markdown(report)
     declined = report.get("target", {}).get("declined") or {}
     if declined:
         lines += ["", f"Declined by the `{report['target']['backend']}` backend:", ""]
         lines += [f"- `{node}`: {reason}" for node, reason in sorted(declined.items())]
     lines += ["", "Measure accuracy and sparsity on held-out data with `sparsecc eval`.", ""]
     return "\n".join(lines)
+
+
+def _distill_markdown(report: dict) -> list[str]:
+    runs = [p["details"] for p in report["passes"] if p["pass"] == "distill"]
+    if not runs:
+        return []
+    d = runs[-1]
+    t, before, after = d["training"], d["held_out"]["before"], d["held_out"]["after"]
+    lines = ["", f"## distill", "", f"{t['tokens']:,} tokens ({t['steps']} steps, {t['windows']} training windows), "
+             f"{t['trained_tensors']} tensors ({t['trained_parameters']:,} parameters) trained in "
+             f"{t['training_seconds']:.0f} s on {t['device']}{' (bf16)' if t['bf16'] else ''}; "
+             f"target {_pct(d['target'])}, calibrated model-wide sparsity {_pct(d['calibrated_model_sparsity'])}.", ""]
+    if "ppl_student" in before:
+        lines += [f"On {before['windows']} held-out calibration windows:", "",
+                  "| | teacher | student | student, thresholds open | KL to teacher |", "|---|---|---|---|---|"]
+        for name, h in (("before", before), ("after", after)):
+            lines.append(f"| {name} | {h['ppl_teacher']:.3f} | {h['ppl_student']:.3f} | {h['ppl_student_open']:.3f} | "
+                         f"{h['kl']:.4f} |")
+    elif before:
+        lines += [f"Squared error to the teacher on {before['windows']} held-out windows: "
+                  f"{before['squared_error']:.4g} before, {after['squared_error']:.4g} after."]
+    return lines
 
 
 def eval_markdown(report: dict) -> str:

@@ -9,6 +9,7 @@ figure so the inline SVGs share no id).
 Figures (ids as on the page, `fig-` + key):
     sparsity-by-layer   per-site sparsity, grouped by layer (compile: calibrated; eval: measured)
     macs                effective vs dense MACs per token (per layer, per model, or simulated lane-ops)
+    training            a compile that distilled: the loss per step (only on such a page)
     curve               sparsity vs perplexity and top-1 agreement, one point per model (eval of several)
     energy-by-category  simulated energy per token by category, sparse vs dense baseline
     energy-by-layer     ... by layer, stacked by category
@@ -26,8 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-FIGURES = ("sparsity-by-layer", "macs", "curve", "energy-by-category", "energy-by-layer", "energy-by-core",
-           "latency", "mesh")
+FIGURES = ("sparsity-by-layer", "macs", "training", "curve", "energy-by-category", "energy-by-layer",
+           "energy-by-core", "latency", "mesh")
 CATEGORIES = ("npe", "memory", "controller", "noc")
 SPARSE, DENSE = "#1f77b4", "#b0b0b0"
 CATEGORY_COLORS = {"npe": "#1f77b4", "memory": "#ff7f0e", "controller": "#2ca02c", "noc": "#d62728"}
@@ -61,14 +62,15 @@ def figures(report: dict, compiled: dict | None = None) -> list[Figure]:
         out = _site_figures(_compile_sites(report), "calibrated", report)
         out += [_left_out("curve", "one compile: `sparsecc eval A/model.onnx B/model.onnx ... -o OUT` draws the "
                                    "sparsity/accuracy curve of several")]
-        out += [_left_out(key, _NO_ENERGY) for key in FIGURES[3:]]
+        out += _training_figures(report)
+        out += [_left_out(key, _NO_ENERGY) for key in FIGURES[4:]]
     elif k == "eval":
         out = _site_figures(_eval_sites(report["result"]), "measured", report)
         out += [_left_out("curve", "one model evaluated: pass several to `sparsecc eval A/model.onnx B/model.onnx "
                                    "... -o OUT` for the sparsity/accuracy curve")]
-        out += [_left_out(key, _NO_ENERGY) for key in FIGURES[3:]]
+        out += [_left_out(key, _NO_ENERGY) for key in FIGURES[4:]]
     elif k == "eval-sweep":
-        out = _sweep_figures(report) + [_left_out(key, _NO_ENERGY) for key in FIGURES[3:]]
+        out = _sweep_figures(report) + [_left_out(key, _NO_ENERGY) for key in FIGURES[4:]]
     elif k == "simulation":
         out = _simulation_figures(report, compiled)
     else:
@@ -143,6 +145,7 @@ def _left_out(key: str, note: str) -> Figure:
 _TITLES = {
     "sparsity-by-layer": "Sparsity per site, by layer",
     "macs": "Effective vs dense MACs per token",
+    "training": "Distillation: loss per step",
     "curve": "Sparsity / accuracy",
     "energy-by-category": "Energy per token by category",
     "energy-by-layer": "Energy per token by layer",
@@ -318,6 +321,32 @@ def _sweep_figures(report: dict) -> list[Figure]:
                       "Dense vs effective MACs per token of the body and of all sites, per model (result.macs).",
                       lambda fig: _draw_sweep_macs(fig, runs, labels), height=2.8))
     return out
+
+
+def _training_figures(report: dict) -> list[Figure]:
+    """The loss curve of each distill pass of a compile (none when nothing was distilled)."""
+    runs = [p for p in report["passes"] if p["pass"] == "distill"]
+    if not runs:
+        return []
+    d = runs[-1]["details"]
+    t = d["training"]
+    caption = (f"Training loss per step (report.json passes[].details.history, at most 200 points) of distill: "
+               f"{t['tokens']:,} tokens, {t['steps']} steps, {t['training_seconds']:.0f} s on {t['device']}. "
+               "KL to the teacher (the model with its thresholds open) and, where trained on, cross-entropy.")
+    return [Figure("training", _TITLES["training"], caption, lambda fig: _draw_training(fig, d["history"]), height=2.6)]
+
+
+def _draw_training(fig, history: list[dict]) -> None:
+    ax = fig.subplots()
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["loss"] for h in history], color=SPARSE, label="loss")
+    if history and "ce" in history[0] and any(h["loss"] != h["kl"] for h in history):
+        ax.plot(steps, [h["kl"] for h in history], color="#ff7f0e", label="KL")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, loc="upper right")
 
 
 def _draw_curve(fig, runs, labels, have_ppl: bool, have_top1: bool) -> None:

@@ -80,6 +80,38 @@ def model_sparsity(thresholds: list[SearchThreshold], natural: list, hists: dict
     return zeroed / total if total else 0.0
 
 
+def threshold_sparsity(thresholds: list[SearchThreshold], natural: list, hists: dict, levels: dict) -> float:
+    """Model-wide MAC-weighted sparsity with each threshold at the sparsity its own level (node
+    name -> level) gives on its statistic (for passes that move each threshold on its own)."""
+    return model_sparsity(thresholds, natural, hists,
+                          {th.group: hists[th.source].sparsity_at(levels[th.node.name]) for th in thresholds})
+
+
+def scaled_levels(levels: dict, moved, factor: float) -> dict:
+    """`levels` with those named in `moved` times `factor`."""
+    return {k: v * factor if k in moved else v for k, v in levels.items()}
+
+
+def common_factor(sparsity, target: float) -> float:
+    """The smallest factor f with sparsity(f) >= target (sparsity is monotone in f), by bisection."""
+    low, high = 0.0, 1.0
+    while sparsity(high) < target and high < 1e6:
+        low, high = high, high * 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if sparsity(mid) < target else (low, mid)
+    return high
+
+
+def visit_order(windows: int, length: int, seed: int) -> list[int]:
+    """Window indices to visit: shuffled passes over all windows, from `seed`."""
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    while len(order) < length:
+        order.extend(int(i) for i in rng.permutation(windows))
+    return order[:length]
+
+
 def settle(model: ir.Model, thresholds: list[SearchThreshold], hists: dict, levels: dict, ctx: Context,
            refine: int, prefix: str) -> None:
     """Write every threshold's t for its level, re-measuring its input `refine` times with the

@@ -1,11 +1,11 @@
 """An ONNX graph (onnx_ir) run with PyTorch ops, node by node, so a loss can be differentiated
-with respect to the thresholds (finetune-bands).
+with respect to the thresholds (finetune-bands) or the weights (distill), on the CPU or a GPU.
 
 Covers the ops of the exported Llama-family models (SmolLM2, the bundled sample), the tiny
 test models and sparsecc's own outputs (Threshold, Q/DQ): see `_OPS`. Any other op fails at
-construction with one line naming it. Weights stay constants (no gradient); nodes whose
-inputs are all constant are evaluated once, at construction (weight transposes, dequantized
-weights). Threshold nodes are computed by a caller-given function, so a caller can put
+construction with one line naming it. Weights are constants unless named trainable; nodes
+whose inputs are all constant are evaluated once, at construction (weight transposes,
+dequantized weights). Threshold nodes are computed by a caller-given function, so a caller can put
 learned t values and a straight-through estimator in their place; the default is the op
 itself, x where |x| > t else 0.
 
@@ -31,7 +31,7 @@ ThresholdFn = Callable[[ir.Node, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def hard_threshold(node: ir.Node, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The Threshold op: x where |x| > t, else 0."""
-    return torch.where(x.abs() > t, x, torch.zeros((), dtype=x.dtype))
+    return torch.where(x.abs() > t, x, x.new_zeros(()))
 
 
 def as_torch(array) -> torch.Tensor:
@@ -44,18 +44,36 @@ def as_torch(array) -> torch.Tensor:
 
 
 class TorchGraph:
-    """`run(feeds)` evaluates the model's graph outputs with torch."""
+    """`run(feeds)` evaluates the model's graph outputs with torch.
 
-    def __init__(self, model: ir.Model):
+    `device`: where the values that depend on the feeds (and the trainable tensors) are
+    computed. Everything else is computed on the CPU: constants, and what follows from them
+    and from tensor shapes alone (Shape, index arithmetic, masks). Those values are the same
+    for every feed of the same shapes, so they are computed once per input signature and
+    reused, which keeps shape arithmetic off the accelerator and out of later runs.
+
+    `trainable`: initializer names kept out of constant folding; `run(..., params=)` gives
+    their values (e.g. torch Parameters; the initial values are in `initial`).
+    """
+
+    def __init__(self, model: ir.Model, device="cpu", trainable: frozenset[str] | set[str] = frozenset()):
         graph = model.graph
         for node in graph:
             if not ops.is_threshold(node) and (node.domain not in ("", "ai.onnx") or node.op_type not in _OPS):
                 where = f"{node.domain}::" if node.domain not in ("", "ai.onnx") else ""
                 raise SparseccError(f"the PyTorch evaluator does not support op {where}{node.op_type} "
-                                    f"(node {node.name!r}); finetune-bands cannot run on this model")
+                                    f"(node {node.name!r}); the passes that run models in PyTorch "
+                                    "(finetune-bands, distill) cannot run on this model")
+        self.device = torch.device(device)
         self.outputs = [v.name for v in graph.outputs]
+        self.inputs = [v.name for v in graph.inputs]
+        trainable = set(trainable)
+        missing = sorted(trainable - set(graph.initializers))
+        if missing:
+            raise SparseccError(f"{missing[0]!r} is not an initializer of the model")
         constants = {name: as_torch(v.const_value.numpy()) for name, v in graph.initializers.items()
                      if v.const_value is not None}
+        self.initial = {name: constants.pop(name) for name in sorted(trainable)}
         self.nodes = []
         with torch.no_grad():
             for node in graph:   # fold what depends on constants only (weight layout, dequantization)
@@ -67,27 +85,80 @@ class TorchGraph:
                     self.nodes.append(node)
         needed = {v.name for n in self.nodes for v in n.inputs if v is not None} | set(self.outputs)
         self.constants = {k: v for k, v in constants.items() if k in needed}
+        dynamic = feed_dependent(self.nodes, set(self.inputs) | trainable)
+        self.dynamic = [node.outputs[0].name in dynamic for node in self.nodes]
         last: dict[str, int] = {}
         for i, node in enumerate(self.nodes):
             for v in node.inputs:
                 if v is not None and v.name:
                     last[v.name] = i
-        self.free_after = [[] for _ in self.nodes]   # tensors dropped once their last reader ran
+        self.free_after = [[] for _ in self.nodes]   # dynamic tensors dropped once their last reader ran
         for name, i in last.items():
-            if name not in self.constants and name not in self.outputs:
+            if name in dynamic and name not in self.outputs and name not in trainable:
                 self.free_after[i].append(name)
+        self._static: dict[tuple, dict[str, torch.Tensor]] = {}    # input signature -> static values
+        self._on_device: dict[str, torch.Tensor] = {}                # constants copied to the device
 
-    def run(self, feeds: dict, threshold: ThresholdFn = hard_threshold) -> list[torch.Tensor]:
-        env = dict(self.constants)
-        env.update({k: as_torch(v) for k, v in feeds.items()})
-        for node, drop in zip(self.nodes, self.free_after):
-            args = [env[v.name] if v is not None and v.name else None for v in node.inputs]
+    def run(self, feeds: dict, threshold: ThresholdFn = hard_threshold, params: dict | None = None) -> list[torch.Tensor]:
+        """The graph outputs for one feed dict (arrays or tensors)."""
+        env = {k: as_torch(v).to(self.device) for k, v in feeds.items()}
+        signature = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(env.items()))
+        static = self._static.setdefault(signature, {})
+        params = self.initial if params is None else params
+        env.update(params)
+
+        def value(name: str, host: bool):
+            if name in env:
+                return env[name]
+            if name in static:
+                return static[name] if host else static.setdefault(name + "@device", static[name].to(self.device))
+            constant = self.constants[name]
+            if host or self.device.type == "cpu":
+                return constant
+            if name not in self._on_device:
+                self._on_device[name] = constant.to(self.device)
+            return self._on_device[name]
+
+        for node, dynamic, drop in zip(self.nodes, self.dynamic, self.free_after):
+            if not dynamic and node.outputs[0].name in static:
+                continue   # computed for an earlier feed of the same shapes
+            host = _HOST_ARGS.get(node.op_type, ())
+            args = [value(v.name, not dynamic or i in host) if v is not None and v.name else None
+                    for i, v in enumerate(node.inputs)]
             outs = [threshold(node, *args)] if ops.is_threshold(node) else _evaluate(node, args)
-            for value, out in zip(node.outputs, outs):
-                env[value.name] = out
+            for out_value, out in zip(node.outputs, outs):
+                (env if dynamic else static)[out_value.name] = out
             for name in drop:
-                del env[name]
-        return [env[name] for name in self.outputs]
+                env.pop(name, None)
+        return [value(name, False) for name in self.outputs]
+
+    def run_batch(self, feeds: list[dict], threshold: ThresholdFn = hard_threshold,
+                  params: dict | None = None) -> list[torch.Tensor]:
+        """The graph outputs for several feed dicts of the same shapes, stacked on a new axis 0.
+        The graph itself may have a batch size of 1 fixed in its shapes: torch.vmap runs it
+        once for the whole stack, as one batched computation."""
+        stacked = {k: torch.stack([as_torch(f[k]) for f in feeds]).to(self.device) for k in feeds[0]}
+        names = sorted(stacked)
+
+        def one(*values):
+            return tuple(self.run(dict(zip(names, values)), threshold, params))
+        return list(torch.vmap(one, randomness="same")(*[stacked[k] for k in names]))
+
+
+def feed_dependent(nodes, sources: set[str]) -> set[str]:
+    """The names of `sources` and of every value computed from their values, not just from
+    their shapes (Shape and Size outputs are known from shapes alone)."""
+    dynamic = set(sources)
+    for node in nodes:
+        if node.op_type not in ("Shape", "Size") and any(v is not None and v.name in dynamic for v in node.inputs):
+            dynamic.update(o.name for o in node.outputs)
+    return dynamic
+
+
+# Inputs that ops read as shapes, axes or indices (kept on the CPU, read with .tolist()).
+_HOST_ARGS = {"Reshape": (1,), "Slice": (1, 2, 3, 4), "Expand": (1,), "Tile": (1,), "Unsqueeze": (1,),
+              "Squeeze": (1,), "Split": (1,), "ReduceMean": (1,), "ReduceSum": (1,), "ReduceMax": (1,),
+              "ReduceMin": (1,), "CumSum": (1,), "ConstantOfShape": (0,), "Range": (0, 1, 2)}
 
 
 def _evaluate(node: ir.Node, args: list) -> list[torch.Tensor]:
@@ -127,7 +198,7 @@ def _slice(node, data, starts, ends, axes=None, steps=None):
         else:
             start = min(max(start + n if start < 0 else start, -1), n - 1)
             end = min(max(end + n if end < 0 else end, -1), n - 1)
-        index = torch.arange(start, end, step, dtype=torch.int64)
+        index = torch.arange(start, end, step, dtype=torch.int64, device=data.device)
         data = data.index_select(axis, index)
     return data
 
@@ -144,7 +215,7 @@ def _gather_nd(node, data, indices):
     if _attr(node, "batch_dims", 0) != 0:
         raise SparseccError(f"the PyTorch evaluator supports GatherND with batch_dims 0 only (node {node.name!r})")
     k = indices.shape[-1]
-    shape = torch.tensor(data.shape[:k], dtype=torch.int64)
+    shape = torch.tensor(data.shape[:k], dtype=torch.int64, device=indices.device)
     indices = torch.where(indices < 0, indices + shape, indices)
     return data[tuple(indices[..., i] for i in range(k))]
 

@@ -109,7 +109,7 @@ def test_console_script_eval(compiled, tmp_path):
     assert not list(tmp.glob("sparsecc*"))  # its temporary model copy is gone (other libraries may leave files)
 
 
-PASSES = ["allocate-sparsity", "calibrate-thresholds", "compensate-lowrank", "discover-sites", "finetune-bands", "fold-qdq", "greedy-blocks", "insert-thresholds", "partition",
+PASSES = ["allocate-sparsity", "calibrate-thresholds", "compensate-lowrank", "discover-sites", "distill", "finetune-bands", "fold-qdq", "greedy-blocks", "insert-thresholds", "partition",
           "quantize-activations", "quantize-weights", "sequential-search", "weight-scores"]
 
 

