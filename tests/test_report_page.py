@@ -56,10 +56,6 @@ def _report(folder: Path) -> dict:
     return json.loads((folder / "report.json").read_text(encoding="utf-8"))
 
 
-def _compiled_for(name: str, runs) -> dict | None:
-    return report_page.compile_report(runs["compile"]) if name == "simulate" else None
-
-
 def _page_figures(page: str) -> tuple[set[str], set[str]]:
     """(figures drawn, figures left out) as the page marks them."""
     drawn = set(re.findall(r'<figure class="plot" id="fig-[^"]+" data-figure="([^"]+)"', page))
@@ -91,7 +87,7 @@ def test_every_report_has_its_page_with_the_figures_its_data_allows(runs, name, 
 def test_page_is_byte_identical_and_a_function_of_the_report_alone(runs, name):
     folder = runs[name]
     written = (folder / "report.html").read_text(encoding="utf-8")   # rendered by the command, from its dict
-    assert report_page.render(_report(folder), _compiled_for(name, runs)) == written
+    assert report_page.render(_report(folder)) == written
     ids = re.findall(r'\bid="([^"]+)"', written)
     assert len(ids) == len(set(ids)), "inline SVGs must not share ids"
     # a different report gives a different page (the figures follow the data)
@@ -104,7 +100,7 @@ def test_page_is_byte_identical_and_a_function_of_the_report_alone(runs, name):
         changed["result"]["sites"][0]["sparsity"] = 0.9
     else:
         changed["runs"][0]["result"]["macs"]["body"]["sparsity"] = 0.9
-    assert report_page.render(changed, _compiled_for(name, runs)) != written
+    assert report_page.render(changed) != written
 
 
 def test_page_size_stays_small(runs):
@@ -159,10 +155,12 @@ def test_simulation_reports_traffic_and_cycles_per_core_and_layer(runs):
 def test_figures_without_data_are_left_out_with_the_reason(runs, tmp_path):
     sim = _report(runs["simulate"])
     keys = lambda figs: {f.key for f in figs if f.draw is not None}   # noqa: E731
-    # without the compile report beside it, a simulation has no per-site sparsity to show
-    figs = report_page.figures(sim)
+    # a simulation report from before per-site sparsity was recorded: no sparsity per site to show
+    old = copy.deepcopy(sim)
+    del old["sites"]
+    figs = report_page.figures(old)
     assert keys(figs) == DRAWN["simulation"] - {"sparsity-by-layer"}
-    assert "compile report" in next(f.note for f in figs if f.key == "sparsity-by-layer")
+    assert "no per-site sparsity" in next(f.note for f in figs if f.key == "sparsity-by-layer")
     # no per-core figures: no mesh; no traffic per core: the mesh shows the load and says so
     bare = copy.deepcopy(sim)
     bare["sparse"]["per_core"] = {}
