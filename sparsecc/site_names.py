@@ -22,8 +22,9 @@ layer) no layer is given, and names have no layer part.
 - `up`, or `gate` and `up` for a pair: a group that a `down` reads; `gate` is the one whose
   way to it passes a nonlinearity (`up` is multiplied in as it is);
 - anything else is `site j`, j its position in its layer (in the model, without layers).
-A compensation factor (compensate-lowrank) is named after the sites whose threshold it
-compensates, e.g. `layer 3 down factor 1`. Names that would repeat get ` #2`, ` #3`.
+A compensation factor (compensate-lowrank) is named after the site it compensates (the one
+its factor 2 is added to), e.g. `layer 3 down factor 1`. Names that would repeat get ` #2`,
+` #3` in graph order.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from collections.abc import Iterable
 import onnx_ir as ir
 
 from sparsecc import ops
-from sparsecc.sites import Analysis, Site, analyze, const_root
+from sparsecc.sites import Analysis, Site, analyze, const_root, quantizer_of
 
 # the order roles are listed in within a layer
 _ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "down")
@@ -88,22 +89,51 @@ def site_names(graph: ir.Graph, analysis: Analysis | None = None) -> dict[int, N
         role = roles.get(s.index) or f"site {position[layer] if layer is not None else s.index}"
         position[layer] += 1
         out[s.index] = Name(layer, role)
+    _number_repeats(out)
     fed = collections.defaultdict(list)
     for s in sites:
         if s.threshold is not None and s.index in out:
             fed[s.threshold].append(out[s.index])
+    pairs = _compensated_sites(analysis)
+    factors = {}
     for s in sites:
-        if s.compensates is not None:
-            of = fed.get(s.compensates, [])
+        if s.compensates is not None:   # after the site it compensates, else the sites of its threshold
+            of = [out[pairs[s.index]]] if s.index in pairs else fed.get(s.compensates, [])
             layer = of[0].layer if of and len({n.layer for n in of}) == 1 else None
-            out[s.index] = Name(layer, f"{label(Name(None, n.role) for n in of) or 'site'} factor {s.factor}")
+            factors[s.index] = Name(layer, f"{label(Name(None, n.role) for n in of) or 'site'} factor {s.factor}")
+    _number_repeats(factors)
+    return dict(sorted((out | factors).items()))
+
+
+def _number_repeats(names: dict[int, Name]) -> None:
+    """Names that would repeat get #2, #3 in graph order."""
     seen: dict = collections.Counter()
-    for s in sites:   # names that would repeat: #2, #3 in graph order
-        name = out[s.index]
+    for index in sorted(names):
+        name = names[index]
         seen[name] += 1
         if seen[name] > 1:
-            out[s.index] = Name(name.layer, f"{name.role} #{seen[name]}")
-    return dict(sorted(out.items()))
+            names[index] = Name(name.layer, f"{name.role} #{seen[name]}")
+
+
+def _compensated_sites(analysis: Analysis) -> dict[int, int]:
+    """Compensation factor -> the site it compensates: factor 2's output is added to that
+    site's output, and factor 1 feeds factor 2 (sparsecc.sites)."""
+    index = {id(node): s for s, node in zip(analysis.sites, analysis.nodes)}
+    out = {}
+    for s, node in zip(analysis.sites, analysis.nodes):
+        if s.factor != 2:
+            continue
+        for user, slot in node.outputs[0].uses():
+            other = user.inputs[1 - slot] if user.op_type == "Add" and len(user.inputs) == 2 else None
+            site = index.get(id(other.producer())) if other is not None and other.producer() is not None else None
+            if site is not None and site.compensates is None:
+                out[s.index] = site.index
+                value = node.inputs[0]
+                quantizer = quantizer_of(value)
+                first = index.get(id((quantizer.inputs[0] if quantizer is not None else value).producer()))
+                if first is not None and first.factor == 1:
+                    out[first.index] = site.index
+    return out
 
 
 def site_labels(graph: ir.Graph, analysis: Analysis | None = None) -> dict[int, str]:
