@@ -88,8 +88,6 @@ def render(report: dict) -> str:
              f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
              f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
              f"<h1>{html.escape(title)}</h1>\n", _facts(report, k), "<main class=\"figures\">\n"]
-    rc = {"svg.hashsalt": "sparsecc", "svg.fonttype": "none", "font.size": 8, "axes.titlesize": 9,
-          "legend.fontsize": 7, "figure.dpi": 72}
     omitted = []
     for fig in figures(report):
         fid = f"fig-{fig.key}"
@@ -97,7 +95,7 @@ def render(report: dict) -> str:
             omitted.append(f"<li id=\"{fid}\" data-omitted=\"{fig.key}\"><b>{html.escape(fig.title)}</b>: "
                            f"{html.escape(fig.note)}</li>\n")
             continue
-        with matplotlib.rc_context(rc):
+        with matplotlib.rc_context(RC):
             svg = _svg(fig, fid)
         parts.append(f"<figure class=\"plot\" id=\"{fid}\" data-figure=\"{fig.key}\"><h2>{html.escape(fig.title)}</h2>\n"
                      f"{svg}\n<figcaption>{html.escape(fig.caption)}</figcaption></figure>\n")
@@ -111,11 +109,22 @@ def render(report: dict) -> str:
     return "".join(parts)
 
 
-def _svg(fig: Figure, fid: str) -> str:
+# matplotlib settings of every figure (svg.hashsalt: the same ids for the same figure)
+RC = {"svg.hashsalt": "sparsecc", "svg.fonttype": "none", "font.size": 8, "axes.titlesize": 9,
+      "legend.fontsize": 7, "figure.dpi": 72}
+
+
+def drawn(fig: Figure):
+    """`fig` drawn on a matplotlib figure of the page's size (under RC)."""
     from matplotlib.figure import Figure as MplFigure
 
     canvas = MplFigure(figsize=(WIDTH, fig.height), layout="constrained")
     fig.draw(canvas)
+    return canvas
+
+
+def _svg(fig: Figure, fid: str) -> str:
+    canvas = drawn(fig)
     buffer = io.StringIO()
     canvas.savefig(buffer, format="svg", dpi=RASTER_DPI, metadata={"Date": None})   # dpi: rasterized parts only
     text = buffer.getvalue()
