@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tokens the ONNX Runtime vs PyTorch check runs on, one at a time (default 16)")
     ex.add_argument("--check-text", metavar="PATH", help="take them from the start of this text (default: random tokens)")
     ins = sub.add_parser("inspect", help="sites, shapes, thresholds and placement of a model or a compile output",
-                         description="Show what PATH holds without running it: every linear site (layer, shape, MACs "
+                         description="Show what PATH holds without running it: every linear site (label, layer, shape, MACs "
                                      "per token, group, threshold and its t), and for a compile output folder the "
                                      "calibrated sparsity per threshold (report.json) and the cores of each site "
                                      "(placement.json). One `kind key=value` record per line; --json for one document.")
