@@ -29,7 +29,7 @@ import onnx_ir as ir
 from sparsecc import ops
 from sparsecc.errors import SparseccError
 from sparsecc.model_io import load_model
-from sparsecc.site_names import site_labels, site_layers
+from sparsecc.site_names import ranges, site_labels, site_layers
 from sparsecc.sites import analyze
 
 SCHEMA = "sparsecc.inspect/1"
@@ -273,7 +273,7 @@ def to_text(doc: dict[str, Any]) -> str:
             fields |= {"compensates": r["compensates"], "factor": r["factor"]}
         fields["calib"] = _num(r.get("calibrated_sparsity"))
         if "cores" in r:
-            fields["cores"] = _ranges(r["cores"]) or "-"
+            fields["cores"] = ranges(r["cores"]) or "-"
         lines.append(_line("site", **fields))
     return "\n".join(lines) + "\n"
 
@@ -299,15 +299,3 @@ def _t(row: dict) -> str:
         return "-"
     t = row.get("t")
     return "unset" if t is None else (t if isinstance(t, str) else _num(t))
-
-
-def _ranges(cores: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2,5'."""
-    parts, start = [], None
-    for i, c in enumerate(cores):
-        if start is None:
-            start = c
-        if i + 1 == len(cores) or cores[i + 1] != c + 1:
-            parts.append(str(start) if start == c else f"{start}-{c}")
-            start = None
-    return ",".join(parts)

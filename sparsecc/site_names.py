@@ -71,7 +71,7 @@ def layers_label(names: Iterable[Name]) -> str:
     layers = sorted({n.layer for n in names if n.layer is not None})
     if not layers:
         return ""
-    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {_ranges(layers)}"
+    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {ranges(layers)}"
 
 
 def site_names(graph: ir.Graph, analysis: Analysis | None = None) -> dict[int, Name]:
@@ -86,7 +86,7 @@ def site_names(graph: ir.Graph, analysis: Analysis | None = None) -> dict[int, N
         if s.compensates is not None:
             continue
         layer = layers.get(s.index)
-        role = roles.get(s.index) or f"site {position[layer] if layer is not None else s.index}"
+        role = roles.get(s.index) or f"site {position[layer]}"   # its position among the layer's (model's) sites
         position[layer] += 1
         out[s.index] = Name(layer, role)
     _number_repeats(out)
@@ -318,7 +318,7 @@ def _site_number(role: str) -> int:
     return int(parts[1]) if len(parts) > 1 and parts[0] == "site" and parts[1].isdigit() else -1
 
 
-def _ranges(numbers: list[int]) -> str:
+def ranges(numbers: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2,5'."""
     parts, start = [], None
     for i, n in enumerate(numbers):
