@@ -157,7 +157,8 @@ def _num(x) -> str:
 
 def eval_markdown(report: dict) -> str:
     r = report["result"]
-    lines = [f"# sparsecc eval: {Path(report['model']).name}", "", f"Data: {report['data']}", ""]
+    lines = [f"# sparsecc eval: {Path(report['model']).name}", "", f"Method: {report['method']}", "",
+             f"Data: {report['data']}", ""]
     if "perplexity" in r:
         ref = f" (reference {r['reference_perplexity']:.3f})" if "reference_perplexity" in r else ""
         lines.append(f"- perplexity: **{r['perplexity']:.3f}**{ref} over {r['tokens']} predicted tokens")
@@ -181,10 +182,11 @@ def eval_markdown(report: dict) -> str:
 def eval_sweep_markdown(report: dict) -> str:
     """Several models evaluated on the same data: one row each, then each model's own report."""
     lines = [f"# sparsecc eval: {len(report['runs'])} models", "",
-             "| model | perplexity | reference | body sparsity | with heads | top-1 vs reference |", "|---|---|---|---|---|---|"]
+             "| model | method | perplexity | reference | body sparsity | with heads | top-1 vs reference |",
+             "|---|---|---|---|---|---|---|"]
     for run in report["runs"]:
         r = run["result"]
-        cells = [f"{r[k]:.3f}" if k in r else "-" for k in ("perplexity", "reference_perplexity")]
+        cells = [run["method"]] + [f"{r[k]:.3f}" if k in r else "-" for k in ("perplexity", "reference_perplexity")]
         cells += [_pct(r["macs"]["body"]["sparsity"]), _pct(r["macs"]["all"]["sparsity"]),
                   _pct(r["output_error"]["top1_agreement"]) if "output_error" in r else "-"]
         lines.append(f"| {run['model']} | " + " | ".join(cells) + " |")

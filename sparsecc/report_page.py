@@ -694,7 +694,7 @@ def _eval_facts(report: dict) -> list[tuple[str, str]]:
     r = report["result"]
     ref = f" (reference {r['reference_perplexity']:.3f})" if "reference_perplexity" in r else ""
     e = r.get("output_error")
-    return [("model", report["model"]),
+    return [("model", report["model"]), ("method", report["method"]),
             ("perplexity", f"{r['perplexity']:.3f}{ref}" if "perplexity" in r else "-"),
             ("effective-MAC sparsity", f"{r['macs']['body']['sparsity']:.1%} body, "
                                        f"{r['macs']['all']['sparsity']:.1%} with heads"),

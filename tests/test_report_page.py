@@ -131,6 +131,7 @@ def test_eval_of_several_models_compares_them(runs):
     assert 0.25 < sparsity[0] < 0.35 and 0.45 < sparsity[1] < 0.55
     markdown = (runs["sweep"] / "report.md").read_text(encoding="utf-8")
     assert all(m in markdown for m in models) and markdown.count("## sparsecc eval:") == 2
+    assert markdown.count("| calibrate-thresholds |") == 2 and markdown.count("Method: calibrate-thresholds") == 2
     # the curve has one labelled point per model
     page = (runs["sweep"] / "report.html").read_text(encoding="utf-8")
     curve = re.search(r'id="fig-curve".*?</svg>', page, re.S).group(0)
@@ -272,6 +273,19 @@ def test_sweep_curve_draws_one_line_per_method(runs):
     assert [(line.get_label(), list(line.get_xdata())) for line in lines] == [("B", [0.3, 0.5]), ("A", [0.3, 0.5])]
     legend = _laid_out(_figure(mixed, "curve")).axes[-1].get_legend()
     assert [t.get_text() for t in legend.get_texts()][:2] == ["B", "A"]
+
+
+def test_a_models_method_is_the_passes_that_compiled_it(tmp_path):
+    from sparsecc import compiler, pipeline
+
+    def spec(**options):
+        return pipeline.to_spec(pipeline.default_pipeline(**options))
+
+    assert compiler.method(spec()) == "calibrate-thresholds"
+    assert compiler.method(spec(weight_scores=True, finetune_steps=3, quant="w8a8")) == (
+        "quantize-weights + weight-scores + calibrate-thresholds + finetune-bands + quantize-activations")
+    assert compiler.method(spec(thresholds=False)) == "no thresholds"
+    assert compiler.method({}) == "not compiled by sparsecc"   # no config.yaml beside the model
 
 
 @pytest.mark.parametrize("name", ["compile", "eval", "sweep", "simulate"])
