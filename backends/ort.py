@@ -11,10 +11,10 @@ import onnx_ir as ir
 
 from sparsecc.backends.base import Backend
 from sparsecc.data import FeedSource
-from sparsecc.inspection import site_layers
 from sparsecc.metrics import OutputError, Perplexity, Zeros
 from sparsecc.progress import bar
 from sparsecc.runtime import ort_session
+from sparsecc.site_names import site_labels, site_layers
 from sparsecc.sites import analyze
 
 
@@ -25,7 +25,8 @@ class OrtBackend(Backend):
     def evaluate(self, model: ir.Model, source: FeedSource, reference: ir.Model | None = None) -> dict:
         """Perplexity (for token inputs with logits out), per-site sparsity and effective MACs
         measured on `source`, and output error against `reference` on the same feeds."""
-        sites = analyze(model.graph).sites
+        analysis = analyze(model.graph)
+        sites = analysis.sites
         tensors = sorted({s.consumes for s in sites})
         output = model.graph.outputs[0].name
         zeros = {name: Zeros() for name in tensors}
@@ -48,10 +49,10 @@ class OrtBackend(Backend):
                     if is_lm:
                         ref_ppl.add(ref_logits, ids)
         rows = []
-        layers = site_layers(sites)
+        layers, labels = site_layers(sites), site_labels(model.graph, analysis)
         for s in sites:
             sparsity = zeros[s.consumes].sparsity
-            rows.append({"site": s.node, "layer": layers.get(s.index), "tensor": s.consumes, "group": s.group,
+            rows.append({"site": s.node, "label": labels[s.index], "layer": layers.get(s.index), "tensor": s.consumes, "group": s.group,
                          "head": s.head, "natural": s.natural,
                          "thresholded": s.threshold is not None, "compensates": s.compensates, "sparsity": sparsity,
                          "macs_per_token": s.macs_per_token,

@@ -29,8 +29,8 @@ from sparsecc.config import option
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, require_calibration, require_thresholds
 from sparsecc.progress import bar, log
-from sparsecc.threshold_search import (Checkpoint, LossProbe, dense_statistics, model_sparsity, role_label, settle,
-                                      thresholds_by_role)
+from sparsecc.threshold_search import (Checkpoint, LossProbe, dense_statistics, group_labels, model_sparsity,
+                                      role_label, settle, thresholds_by_role)
 
 MAX_LEVEL = 0.95
 
@@ -124,14 +124,15 @@ class AllocateSparsity(Pass):
             way.close()
             search.close()
         settle(model, thresholds, hists, levels, ctx, c.refine, "allocate")
+        labels, own = group_labels(model, thresholds), group_labels(model, thresholds, key=lambda th: th.node.name)
         return {
             "changed": True, "target": c.sparsity, "calibrated_model_sparsity": round(model_wide(levels), 6),
-            "groups": [{"group": _label(g), "sparsity": round(levels[g], 6),
+            "groups": [{"group": _label(g), "label": labels[g], "sparsity": round(levels[g], 6),
                         "macs_per_token": sum(th.macs for th in thresholds if th.group == g)} for g in groups],
             "loss": {"dense": base, "allocated": loss, "kind": search.kind},
             "search": {"moves": len(history), "forward_passes": search.passes, "resumed": resumed,
                        "seconds": round(time.perf_counter() - started, 3)},
-            "thresholds": [{"threshold": th.node.name, "group": _label(th.group),
+            "thresholds": [{"threshold": th.node.name, "label": own[th.node.name], "group": _label(th.group),
                             "t": ops.threshold_level(th.node)} for th in thresholds],
         }
 

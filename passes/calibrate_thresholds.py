@@ -11,6 +11,7 @@ from sparsecc.calibration import MAX_REFINE, AbsHistogram, collect, statistic
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, require_calibration, require_thresholds
+from sparsecc.site_names import site_labels, threshold_labels
 from sparsecc.sites import Site, analyze
 
 
@@ -72,7 +73,7 @@ class CalibrateThresholds(Pass):
             for th in thresholds:
                 t = hists[th.source].threshold_for(level)
                 ops.set_threshold(th.node, t)
-        return self._report(thresholds, natural, hists, level)
+        return self._report(model, thresholds, natural, hists, level)
 
     def _level(self, thresholds: list[_Threshold], natural: list[Site], hists: dict[str, AbsHistogram]) -> float:
         """The common per-threshold sparsity level that meets the target."""
@@ -98,14 +99,16 @@ class CalibrateThresholds(Pass):
             lo, hi = (mid, hi) if model_wide(mid) < target else (lo, mid)
         return hi
 
-    def _report(self, thresholds, natural, hists, level) -> dict:
+    def _report(self, model, thresholds, natural, hists, level) -> dict:
+        analysis = analyze(model.graph)
+        labels, site_label = threshold_labels(model.graph, analysis), site_labels(model.graph, analysis)
         rows, eff, dense = [], 0.0, 0
         for th in thresholds:
             t = ops.threshold_level(th.node)
             sparsity = hists[th.source].sparsity_at(t)
             eff += th.macs * (1 - sparsity) + th.compensation.macs(sparsity, hists[th.source].zeros)
             dense += th.macs
-            rows.append({"threshold": th.node.name, "tensor": th.node.inputs[0].name, "sites": [s.node for s in th.sites],
+            rows.append({"threshold": th.node.name, "label": labels[th.node.name], "tensor": th.node.inputs[0].name, "sites": [s.node for s in th.sites],
                          "t": t, "calibrated_sparsity": round(sparsity, 6)}
                         | ({"score": "weight-aware (t = tau / c per channel)"} if ops.score_scale(th.node) is not None else {}))
         for s in natural:
@@ -114,6 +117,7 @@ class CalibrateThresholds(Pass):
         return {
             "changed": True, "target": self.config.sparsity, "mode": self.config.mode, "level": round(level, 6),
             "calibrated_model_sparsity": round(1 - eff / dense, 6) if dense else 0.0,
-            "natural": [{"site": s.node, "sparsity": round(hists[s.consumes].zeros, 6)} for s in natural],
+            "natural": [{"site": s.node, "label": site_label[s.index], "sparsity": round(hists[s.consumes].zeros, 6)}
+                        for s in natural],
             "thresholds": rows,
         }

@@ -41,8 +41,8 @@ from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, require, require_calibration
 from sparsecc.progress import bar, log
 from sparsecc.stepgraph import is_step_graph
-from sparsecc.threshold_search import (Checkpoint, common_factor, role_label, scaled_levels, thresholds_by_role,
-                                       threshold_sparsity, visit_order)
+from sparsecc.threshold_search import (Checkpoint, common_factor, group_labels, role_label, scaled_levels,
+                                       thresholds_by_role, threshold_sparsity, visit_order)
 
 INSTALL = "pip install -e '.[export]' (torch==2.13.0, the CPU build)"
 
@@ -198,7 +198,10 @@ class FinetuneBands(Pass):
         done = c.steps - resumed
         log(f"finetune: loss {before:.4f} -> {after:.4f} ({kind}) at model-wide sparsity {target:.2%}; "
             f"{done} steps in {training:.0f} s, {seconds:.0f} s in all")
-        rows = [{"threshold": th.node.name, "role": role_label(th.role), "trained": th.node.name in index,
+        labels = group_labels(model, thresholds)
+        role_labels = group_labels(model, thresholds, key=lambda th: role_label(th.role))
+        rows = [{"threshold": th.node.name, "label": labels[th.node.name], "role": role_label(th.role),
+                 "trained": th.node.name in index,
                  "t_before": entry[th.node.name], "t_after": ops.threshold_level(th.node),
                  "sparsity_before": round(hists[th.source].sparsity_at(entry[th.node.name]), 6),
                  "sparsity_after": round(hists_now[th.source].sparsity_at(final[th.node.name]), 6)}
@@ -208,7 +211,7 @@ class FinetuneBands(Pass):
             "calibrated_model_sparsity": round(threshold_sparsity(thresholds, natural, hists_now, final), 6),
             "common_factor": factor,
             "loss": {"kind": kind, "before": before, "after": after, "windows": len(feeds)},
-            "sparsity_by_role": _by_role(rows),
+            "sparsity_by_role": {role: _by_role(rows)[role] | {"label": name} for role, name in role_labels.items()},
             "training": {"steps": c.steps, "resumed_at": resumed, "trained_thresholds": len(trained),
                          "frozen_thresholds": len(thresholds) - len(trained),
                          "tokens": done * c.batch * (first.size if kind == "cross-entropy" else len(first)),

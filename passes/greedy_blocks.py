@@ -36,7 +36,8 @@ from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, require, require_calibration, require_thresholds
 from sparsecc.progress import bar, log
 from sparsecc.stepgraph import is_step_graph
-from sparsecc.threshold_search import (Checkpoint, dense_statistics, model_sparsity, role_label, settle,
+from sparsecc.site_names import layers_label, threshold_names
+from sparsecc.threshold_search import (Checkpoint, dense_statistics, group_labels, model_sparsity, role_label, settle,
                                       thresholds_by_role)
 
 MAX_LEVEL = 0.95   # the highest level a group may reach (as in allocate-sparsity)
@@ -100,7 +101,7 @@ class GreedyBlocks(Pass):
                 + ", ".join(f"{_slot_label(th.group)} {levels[th.group]:.0%}" for th in block.thresholds)
                 + f"; error {summary['error']:.3g} vs uniform {summary['uniform_error']:.3g}")
         settle(model, thresholds, hists, levels, ctx, c.refine, "greedy-blocks")
-        return self._report(blocks, thresholds, natural, hists, levels, done, history,
+        return self._report(model, blocks, thresholds, natural, hists, levels, done, history,
                             (model_passes, block_passes), resumed, started)
 
     def _search(self, block, probe: BlockProbe, levels: dict, history: list, state: Checkpoint):
@@ -141,11 +142,16 @@ class GreedyBlocks(Pass):
         return levels, {"block": block.index, "done": True, "error": error, "uniform_level": round(uniform, 6),
                         "uniform_error": uniform_error, "moves": moves}
 
-    def _report(self, blocks, thresholds, natural, hists, levels, done, history, passes, resumed, started) -> dict:
+    def _report(self, model, blocks, thresholds, natural, hists, levels, done, history, passes, resumed,
+                started) -> dict:
+        names = threshold_names(model.graph)
+        labels = group_labels(model, thresholds)
         rows = []
         for block in blocks:
             summary = done[block.index]
-            rows.append({"block": block.index, "output": block.output.name, "macs_per_token": block.macs,
+            spans = layers_label(n for th in block.thresholds for n in names[th.node.name])
+            rows.append({"block": block.index, "label": spans or "the whole model", "output": block.output.name,
+                         "macs_per_token": block.macs,
                          "levels": {_slot_label(th.group): round(levels[th.group], 6) for th in block.thresholds},
                          "sparsity": round(block.sparsity(hists, levels), 6), "error": summary["error"],
                          "uniform_level": summary["uniform_level"], "uniform_error": summary["uniform_error"],
@@ -162,11 +168,13 @@ class GreedyBlocks(Pass):
                                  "blocks_at_or_below_uniform": sum(r["error"] <= r["uniform_error"] for r in rows),
                                  "blocks": len(rows)},
             "mean_sparsity_by_role": {role: round(sum(v) / len(v), 4) for role, v in sorted(by_role.items())},
+            "role_labels": group_labels(model, thresholds, key=lambda th: role_label(th.role)),
             "search": {"blocks": len(blocks), "moves": sum(1 for h in history if not h.get("done")),
                        "forward_passes": sum(passes), "model_passes": passes[0], "block_passes": passes[1],
                        "resumed": resumed,
                        "seconds": round(time.perf_counter() - started, 3)},
-            "thresholds": [{"threshold": th.node.name, "group": _label(th.group), "level": round(levels[th.group], 6),
+            "thresholds": [{"threshold": th.node.name, "label": labels[th.group], "block": th.group[1],
+                            "group": _label(th.group), "level": round(levels[th.group], 6),
                             "t": ops.threshold_level(th.node)} for th in thresholds],
         }
 

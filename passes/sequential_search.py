@@ -24,8 +24,8 @@ from sparsecc.config import option
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, require_calibration, require_thresholds
 from sparsecc.progress import bar
-from sparsecc.threshold_search import (Checkpoint, LossProbe, dense_statistics, model_sparsity, role_label, settle,
-                                      thresholds_by_role)
+from sparsecc.threshold_search import (Checkpoint, LossProbe, dense_statistics, group_labels, model_sparsity,
+                                      role_label, settle, thresholds_by_role)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +92,16 @@ class SequentialSearch(Pass):
         by_role = collections.defaultdict(list)
         for th in thresholds:
             by_role[role_label(th.role)].append(levels[th.group])
+        labels = group_labels(model, thresholds, key=lambda th: _label(th.group))
         return {
             "changed": True, "loss_inc": c.loss_inc,
             "calibrated_model_sparsity": round(model_sparsity(thresholds, natural, hists, levels), 6),
             "loss": {"dense": dense, "searched": base, "kind": probe.kind},
             "mean_sparsity_by_role": {role: round(sum(v) / len(v), 4) for role, v in sorted(by_role.items())},
+            "role_labels": group_labels(model, thresholds, key=lambda th: role_label(th.role)),
             "search": {"thresholds": len(thresholds), "forward_passes": probe.passes, "resumed": resumed,
                        "seconds": round(time.perf_counter() - started, 3)},
-            "history": history,
+            "history": [step | {"label": labels[step["threshold"]]} for step in history],
         }
 
     def _search(self, probe, levels, group, budget, chosen: collections.Counter, base):

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tokens the ONNX Runtime vs PyTorch check runs on, one at a time (default 16)")
     ex.add_argument("--check-text", metavar="PATH", help="take them from the start of this text (default: random tokens)")
     ins = sub.add_parser("inspect", help="sites, shapes, thresholds and placement of a model or a compile output",
-                         description="Show what PATH holds without running it: every linear site (layer, shape, MACs "
+                         description="Show what PATH holds without running it: every linear site (label, layer, shape, MACs "
                                      "per token, group, threshold and its t), and for a compile output folder the "
                                      "calibrated sparsity per threshold (report.json) and the cores of each site "
                                      "(placement.json). One `kind key=value` record per line; --json for one document.")
@@ -204,8 +204,9 @@ def _compile(args) -> dict:
     if not args.json and setters:
         last = setters[-1]
         target = f"target {last['details']['target']:.0%}, " if "target" in last["details"] else ""
+        searches = [f"; {'' if p is last else p['id'] + ': '}{text}" for p in setters if (text := reports.search_summary(p))]
         print(f"{last['pass']}: {target}calibrated model-wide sparsity "
-              f"{last['details']['calibrated_model_sparsity']:.1%} -> {Path(args.out) / 'model.onnx'}")
+              f"{last['details']['calibrated_model_sparsity']:.1%}{''.join(searches)} -> {Path(args.out) / 'model.onnx'}")
     return result.report
 
 
@@ -275,7 +276,7 @@ def _simulate(args) -> dict:
         (tmp / "report.md").write_text(reports.simulation_markdown(result), encoding="utf-8")
         (tmp / "report.json").write_text(reports.dumps(result), encoding="utf-8")
         (tmp / "timings.json").write_text(reports.dumps(speed), encoding="utf-8")
-        (tmp / "report.html").write_text(report_page.render(result, report_page.compile_report(folder)), encoding="utf-8")
+        (tmp / "report.html").write_text(report_page.render(result), encoding="utf-8")
     if not args.json:
         print(reports.simulation_summary(result, speed))
     return result

@@ -111,12 +111,12 @@ def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration
 
 
 def _site_rows(model: ir.Model) -> list[dict]:
-    """Every linear site, with its layer found from structure (None where no layers repeat)."""
-    from sparsecc.inspection import site_layers
+    """Every linear site, with its layer (None where no layers repeat) and label, found from structure."""
+    from sparsecc.site_names import site_labels, site_layers
 
-    sites = analyze(model.graph).sites
-    layers = site_layers(sites)
-    return [s.to_dict() | {"layer": layers.get(s.index)} for s in sites]
+    analysis = analyze(model.graph)
+    layers, labels = site_layers(analysis.sites), site_labels(model.graph, analysis)
+    return [s.to_dict() | {"layer": layers.get(s.index), "label": labels[s.index]} for s in analysis.sites]
 
 
 def compiled_config(model_path: Path) -> dict[str, Any]:
@@ -140,5 +140,19 @@ def evaluate(model_path: str | os.PathLike, source: FeedSource, reference: str |
     result = OrtBackend().evaluate(model, source, ref)
     return {"schema": reports.SCHEMA, "kind": "eval", "sparsecc": __version__,
             "model": str(Path(model_path).resolve()), "reference": str(Path(reference).resolve()) if reference else None,
-            "data": source.describe(), "result": result}
+            "method": method(compiled_config(Path(model_path))), "data": source.describe(), "result": result}
+
+
+# passes every compile has, or a target adds: they do not tell one method from another
+_NOT_METHOD = {"discover-sites", "insert-thresholds", "partition"}
+
+
+def method(config: dict[str, Any]) -> str:
+    """How a compiled model was made, from its config.yaml: its pipeline's passes less those every
+    compile has, e.g. `weight-scores + calibrate-thresholds` (an eval sweep draws one line each)."""
+    passes = config.get("passes")
+    if not isinstance(passes, list):
+        return "not compiled by sparsecc"
+    names = [p.get("pass") for p in passes if isinstance(p, dict)]
+    return " + ".join(str(n) for n in names if n not in _NOT_METHOD) or "no thresholds"
 

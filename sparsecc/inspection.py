@@ -10,17 +10,16 @@ quoted as JSON strings), so `grep '^site '` and `grep 'threshold=-'` work:
 
     model path=out/model.onnx opset=18 nodes=231 weight_bytes=3984384
     sites count=15 groups=9 thresholds=8 heads=1 natural=0 factors=0 macs_body=... macs_all=...
-    site index=0 name=node_linear layer=0 op=MatMul shape=128x128 macs=16384 group=0 ...
+    site index=0 label="layer 0 q" name=node_linear layer=0 op=MatMul shape=128x128 macs=16384 group=0 ...
 
-A site's *layer* is found from structure as sparsecc.blocks finds blocks: the groups' roles
-(the shapes of the sites reading one tensor) recur once or a few times per layer, so with L
-the greatest common divisor of the roles' counts, a role's k-th group in graph order sits in
-layer k * L // count. With L = 1 (an irregular model, or one layer) no layer is given.
+A site's *layer* and *label* (`layer 3 q`, `head`) are found from structure
+(sparsecc.site_names): the recurrence of group roles gives the layer, the data flow between
+sites their role in it. With no repeated layers (an irregular model, or one layer) no layer
+is given.
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,8 @@ import onnx_ir as ir
 from sparsecc import ops
 from sparsecc.errors import SparseccError
 from sparsecc.model_io import load_model
-from sparsecc.sites import Site, analyze
+from sparsecc.site_names import ranges, site_labels, site_layers
+from sparsecc.sites import analyze
 
 SCHEMA = "sparsecc.inspect/1"
 MODEL, REPORT, PLACEMENT = "model.onnx", "report.json", "placement.json"
@@ -64,13 +64,14 @@ def describe(model: ir.Model, path: str, report: dict | None = None, placement: 
     sites = analysis.sites
     thresholds = {n.name: n for n in model.graph if ops.is_threshold(n)}
     layer = site_layers(sites)
+    labels = site_labels(model.graph, analysis)
     calibrated, setter = calibrated_sparsity(report, list(thresholds)) if report else ({}, None)
     cores = Placement.from_json(json.dumps(placement)).node_cores() if placement else {}
     weight_types = {s.weight: _dtype_name(model.graph, s.weight) for s in sites}
     rows = []
     for s in sites:
         row: dict[str, Any] = {
-            "index": s.index, "name": s.node, "layer": layer.get(s.index), "op": s.op,
+            "index": s.index, "label": labels[s.index], "name": s.node, "layer": layer.get(s.index), "op": s.op,
             "in_features": s.in_features, "out_features": s.out_features, "macs_per_token": s.macs_per_token,
             "group": s.group, "head": s.head, "natural": s.natural, "tensor": s.source,
             "weight": s.weight, "weight_dtype": weight_types[s.weight],
@@ -108,34 +109,6 @@ def describe(model: ir.Model, path: str, report: dict | None = None, placement: 
     if step is not None:
         doc["step_graph"] = step
     return doc
-
-
-def site_layers(sites: list[Site]) -> dict[int, int]:
-    """Site index -> layer, from the recurrence of group roles (module docstring); {} when the
-    model shows no repeated structure. Heads have no layer; a compensation factor is in the
-    layer of the sites whose threshold it compensates."""
-    groups: dict[int, list[Site]] = {}
-    for s in sites:
-        if s.compensates is None and not s.head:
-            groups.setdefault(s.group, []).append(s)
-    roles = {g: tuple(sorted((s.in_features, s.out_features) for s in members)) for g, members in groups.items()}
-    count: dict[tuple, int] = {}
-    for role in roles.values():
-        count[role] = count.get(role, 0) + 1
-    period = math.gcd(*count.values()) if count else 0
-    if period < 2:
-        return {}
-    seen: dict[tuple, int] = {}
-    out: dict[int, int] = {}
-    for g in sorted(groups, key=lambda g: groups[g][0].index):   # graph order
-        k = seen[roles[g]] = seen.get(roles[g], -1) + 1
-        for s in groups[g]:
-            out[s.index] = k * period // count[roles[g]]
-    by_threshold = {s.threshold: out[s.index] for s in sites if s.threshold and s.index in out}
-    for s in sites:
-        if s.compensates in by_threshold:
-            out[s.index] = by_threshold[s.compensates]
-    return out
 
 
 def threshold_values(node: ir.Node) -> dict[str, Any]:
@@ -289,7 +262,7 @@ def to_text(doc: dict[str, Any]) -> str:
     lines += [_line("declined", node=d["node"], reason=d["reason"]) for d in doc["declined"]]
     for r in doc["sites"]:
         fields: dict[str, Any] = {
-            "index": r["index"], "name": r["name"], "layer": r["layer"], "op": r["op"],
+            "index": r["index"], "label": r["label"], "name": r["name"], "layer": r["layer"], "op": r["op"],
             "shape": f"{r['in_features']}x{r['out_features']}", "macs": r["macs_per_token"], "group": r["group"],
             "head": "yes" if r["head"] else "no", "natural": r["natural"] or "-", "weight": r["weight_dtype"],
             "threshold": r["threshold"] or "-", "t": _t(r),
@@ -300,7 +273,7 @@ def to_text(doc: dict[str, Any]) -> str:
             fields |= {"compensates": r["compensates"], "factor": r["factor"]}
         fields["calib"] = _num(r.get("calibrated_sparsity"))
         if "cores" in r:
-            fields["cores"] = _ranges(r["cores"]) or "-"
+            fields["cores"] = ranges(r["cores"]) or "-"
         lines.append(_line("site", **fields))
     return "\n".join(lines) + "\n"
 
@@ -326,15 +299,3 @@ def _t(row: dict) -> str:
         return "-"
     t = row.get("t")
     return "unset" if t is None else (t if isinstance(t, str) else _num(t))
-
-
-def _ranges(cores: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2,5'."""
-    parts, start = [], None
-    for i, c in enumerate(cores):
-        if start is None:
-            start = c
-        if i + 1 == len(cores) or cores[i + 1] != c + 1:
-            parts.append(str(start) if start == c else f"{start}-{c}")
-            start = None
-    return ",".join(parts)

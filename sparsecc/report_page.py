@@ -4,13 +4,15 @@
 with matplotlib as inline SVG: no script, no network, nothing to install to read it. A figure
 whose data the report lacks is left out with a note saying why, never drawn empty. The page
 is byte-identical for the same report (fixed SVG hash salt, no dates, ids prefixed per
-figure so the inline SVGs share no id).
+figure so the inline SVGs share no id). Sites are named by layer and role (sparsecc.site_names);
+legends sit beside the axes, never over what is drawn; colour scales start at 0.
 
 Figures (ids as on the page, `fig-` + key):
-    sparsity-by-layer   per-site sparsity, grouped by layer (compile: calibrated; eval: measured)
+    sparsity-by-layer   per-site sparsity, grouped by layer (compile: calibrated; eval: measured;
+                        simulation: as simulated)
     macs                effective vs dense MACs per token (per layer, per model, or simulated lane-ops)
     training            a compile that distilled: the loss per step (only on such a page)
-    curve               sparsity vs perplexity and top-1 agreement, one point per model (eval of several)
+    curve               sparsity vs perplexity and top-1 agreement, one line per method (eval of several)
     energy-by-category  simulated energy per token by category, sparse vs dense baseline
     energy-by-layer     ... by layer, stacked by category
     energy-by-core      ... by core, stacked by category
@@ -54,9 +56,8 @@ def kind(report: dict) -> str:
     return report.get("kind", "unknown")
 
 
-def figures(report: dict, compiled: dict | None = None) -> list[Figure]:
-    """Every figure of FIGURES for this report, drawn or left out with a note. `compiled`: for a
-    simulation, the compile report of the model it ran (its sparsity per site)."""
+def figures(report: dict) -> list[Figure]:
+    """Every figure of FIGURES for this report, drawn or left out with a note."""
     k = kind(report)
     if k == "compile":
         out = _site_figures(_compile_sites(report), "calibrated", report)
@@ -72,25 +73,14 @@ def figures(report: dict, compiled: dict | None = None) -> list[Figure]:
     elif k == "eval-sweep":
         out = _sweep_figures(report) + [_left_out(key, _NO_ENERGY) for key in FIGURES[4:]]
     elif k == "simulation":
-        out = _simulation_figures(report, compiled)
+        out = _simulation_figures(report)
     else:
         raise ValueError(f"not a sparsecc report (kind {k!r})")
     order = {key: i for i, key in enumerate(FIGURES)}
     return sorted(out, key=lambda f: order[f.key])
 
 
-def compile_report(folder: Path) -> dict | None:
-    """The compile report in a compile output folder, for a simulation's page (None when it is not
-    there or unreadable: the page then says the per-site figures are missing)."""
-    import json
-
-    try:
-        return json.loads((Path(folder) / "report.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def render(report: dict, compiled: dict | None = None) -> str:
+def render(report: dict) -> str:
     """The report page as one HTML document."""
     import matplotlib
 
@@ -100,16 +90,14 @@ def render(report: dict, compiled: dict | None = None) -> str:
              f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
              f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
              f"<h1>{html.escape(title)}</h1>\n", _facts(report, k), "<main class=\"figures\">\n"]
-    rc = {"svg.hashsalt": "sparsecc", "svg.fonttype": "none", "font.size": 8, "axes.titlesize": 9,
-          "legend.fontsize": 7, "figure.dpi": 72}
     omitted = []
-    for fig in figures(report, compiled):
+    for fig in figures(report):
         fid = f"fig-{fig.key}"
         if fig.draw is None:
             omitted.append(f"<li id=\"{fid}\" data-omitted=\"{fig.key}\"><b>{html.escape(fig.title)}</b>: "
                            f"{html.escape(fig.note)}</li>\n")
             continue
-        with matplotlib.rc_context(rc):
+        with matplotlib.rc_context(RC):
             svg = _svg(fig, fid)
         parts.append(f"<figure class=\"plot\" id=\"{fid}\" data-figure=\"{fig.key}\"><h2>{html.escape(fig.title)}</h2>\n"
                      f"{svg}\n<figcaption>{html.escape(fig.caption)}</figcaption></figure>\n")
@@ -123,11 +111,22 @@ def render(report: dict, compiled: dict | None = None) -> str:
     return "".join(parts)
 
 
-def _svg(fig: Figure, fid: str) -> str:
+# matplotlib settings of every figure (svg.hashsalt: the same ids for the same figure)
+RC = {"svg.hashsalt": "sparsecc", "svg.fonttype": "none", "font.size": 8, "axes.titlesize": 9,
+      "legend.fontsize": 7, "figure.dpi": 72}
+
+
+def drawn(fig: Figure):
+    """`fig` drawn on a matplotlib figure of the page's size (under RC)."""
     from matplotlib.figure import Figure as MplFigure
 
     canvas = MplFigure(figsize=(WIDTH, fig.height), layout="constrained")
     fig.draw(canvas)
+    return canvas
+
+
+def _svg(fig: Figure, fid: str) -> str:
+    canvas = drawn(fig)
     buffer = io.StringIO()
     canvas.savefig(buffer, format="svg", dpi=RASTER_DPI, metadata={"Date": None})   # dpi: rasterized parts only
     text = buffer.getvalue()
@@ -158,8 +157,8 @@ _TITLES = {
 # Sites -----------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Site:
-    name: str
-    layer: int | None       # from structure (sparsecc.inspection.site_layers); None: head or no repeated layers
+    name: str               # its label, from structure (sparsecc.site_names), e.g. "layer 3 q"
+    layer: int | None       # None: head or no repeated layers
     head: bool
     sparsity: float | None  # None: not known (compile: a compensation factor)
     macs: int               # dense MACs per token (0 for a compensation factor: not in the dense baseline)
@@ -190,13 +189,26 @@ def _compile_sites(report: dict) -> list[_Site] | None:
             sparsity = natural.get(s["node"], 0.0 if not s.get("natural") else None)
         dense = 0 if s.get("compensates") else s["macs_per_token"]
         effective = s["macs_per_token"] * (1 - sparsity) if sparsity is not None else s["macs_per_token"]
-        out.append(_Site(s["node"], s.get("layer"), s["head"], sparsity, dense, effective))
+        out.append(_Site(s["label"], s.get("layer"), s["head"], sparsity, dense, effective))
     return out
 
 
 def _eval_sites(result: dict) -> list[_Site]:
-    return [_Site(s["site"], s.get("layer"), s["head"], s["sparsity"], 0 if s.get("compensates") else s["macs_per_token"],
+    return [_Site(s["label"], s.get("layer"), s["head"], s["sparsity"], 0 if s.get("compensates") else s["macs_per_token"],
                   s["effective_macs_per_token"]) for s in result["sites"]]
+
+
+def _simulated_sites(report: dict) -> list[_Site]:
+    return [_Site(s["label"], s["layer"], s["head"], s["sparsity"], 0 if s["compensates"] else s["macs_per_token"],
+                  s["macs_per_token"] * (1 - s["sparsity"])) for s in report["sites"]]
+
+
+# how -> where the sparsity of each site comes from (the report fields)
+_SPARSITY_SOURCE = {
+    "calibrated": "on the calibration data, passes[].details of the pass that set the thresholds",
+    "measured": "measured in ONNX Runtime on the evaluation data, result.sites[].sparsity",
+    "simulated": "of the events the site's tiles read in the simulation, sites[].sparsity",
+}
 
 
 def _site_figures(sites: list[_Site] | None, how: str, report: dict) -> list[Figure]:
@@ -205,10 +217,10 @@ def _site_figures(sites: list[_Site] | None, how: str, report: dict) -> list[Fig
                else "the model has no linear sites")
         return [_left_out("sparsity-by-layer", why), _left_out("macs", why)]
     layered = any(s.layer is not None for s in sites)
-    caption = (f"{how.capitalize()} sparsity of each linear site's input (fraction of zero activations; report.json "
-               + ("passes[].details of the pass that set the thresholds" if how == "calibrated" else "result.sites[].sparsity")
-               + "). Bars in graph order within each layer; layers found from the recurrence of site roles"
-               + ("" if layered else " (none repeat here: one bar per site in graph order)") + "; the head last, in grey.")
+    caption = (f"{how.capitalize()} sparsity of each linear site's input (fraction of zero activations "
+               f"{_SPARSITY_SOURCE[how]} in report.json). Bars in graph order within each layer, named by role; layers "
+               "found from the recurrence of site roles" + ("" if layered else " (none repeat here: one bar per site in "
+                                                                                "graph order)") + "; the head last, in grey.")
     compensation = any(s.macs == 0 and not s.head for s in sites)
     macs_caption = ("Dense MACs per token of each layer's sites vs effective MACs (non-zero inputs x outputs; "
                     + ("estimated from the calibrated sparsity: sites[].macs_per_token x (1 - sparsity)"
@@ -217,7 +229,7 @@ def _site_figures(sites: list[_Site] | None, how: str, report: dict) -> list[Fig
                     + "). Compensation factors add effective MACs, not dense ones.")
     n_layers = max((s.layer for s in sites if s.layer is not None), default=-1) + 1
     return [Figure("sparsity-by-layer", _TITLES["sparsity-by-layer"], caption,
-                   lambda fig: _draw_sparsity(fig, sites), height=3.0 if n_layers < 40 else 3.6),
+                   lambda fig: _draw_sparsity(fig, sites, how), height=3.0 if n_layers < 40 else 3.6),
             Figure("macs", _TITLES["macs"], macs_caption, lambda fig: _draw_macs_by_layer(fig, sites), height=2.8)]
 
 
@@ -237,7 +249,7 @@ def _buckets(sites: list[_Site]) -> dict[str, list[_Site]]:
     return out
 
 
-def _draw_sparsity(fig, sites: list[_Site]) -> None:
+def _draw_sparsity(fig, sites: list[_Site], how: str) -> None:
     ax = fig.add_subplot()
     buckets = _buckets(sites)
     layered = any(s.layer is not None for s in sites)
@@ -246,6 +258,8 @@ def _draw_sparsity(fig, sites: list[_Site]) -> None:
         known = [(x, s) for x, s in enumerate(body) if s.sparsity is not None]
         ax.bar([x for x, _ in known], [s.sparsity for _, s in known], color=[DENSE if s.head else SPARSE for _, s in known],
                width=0.8)
+        if len(body) <= 40:
+            ax.set_xticks(range(len(body)), [s.name for s in body], rotation=90, fontsize=7)
         ax.set_xlabel("site (graph order; grey: head)")
     else:   # one bar call per position in the layer (q, k, v, ...), over all layers
         names = list(buckets)
@@ -259,14 +273,13 @@ def _draw_sparsity(fig, sites: list[_Site]) -> None:
                     xs.append(x + (j - (len(members) - 1) / 2) * width)
                     heights.append(members[j].sparsity)
                     fill.append(DENSE if members[j].head else colors[j])
-            label = f"{j + 1}: {_short(first[j].name)}" if j < len(first) else None
+            label = _short(_role(first[j].name)) if j < len(first) else None
             ax.bar(xs, heights, width * 0.95, color=fill, label=label)
         ax.set_xticks(range(len(buckets)), list(buckets), fontsize=7 if len(buckets) < 40 else 5)
         ax.set_xlabel("layer")
-        ax.legend(ncols=min(len(first), 4), loc="upper left", bbox_to_anchor=(0, -0.22), frameon=False,
-                  title="site in layer order (names from layer 0)", title_fontsize=7)
+        _legend(ax, title="site", title_fontsize=7)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("sparsity")
+    ax.set_ylabel(f"{how} sparsity")
     ax.yaxis.set_major_formatter(_percent())
     ax.grid(axis="y", alpha=0.3)
 
@@ -287,8 +300,24 @@ def _draw_macs_by_layer(fig, sites: list[_Site]) -> None:
     if total_d:
         ax.set_title(f"body: {total_e / factor:,.3g} of {total_d / factor:,.3g} {unit}MACs "
                      f"({1 - total_e / total_d:.1%} saved)")
-    ax.legend(frameon=False)
+    _legend(ax)
     ax.grid(axis="y", alpha=0.3)
+
+
+def _role(label: str) -> str:
+    """A site's label without its layer: `layer 3 q` -> `q`."""
+    return re.sub(r"^layers? [0-9,-]+ ", "", label)
+
+
+def _legend(ax, panels=(), **options) -> None:
+    """A legend beside `ax`, on its right, never over what is drawn (constrained layout makes
+    the room), of what `ax` and the other `panels` of the figure draw (each label once)."""
+    found: dict = {}
+    for panel in [ax, *panels]:
+        for handle, text in zip(*panel.get_legend_handles_labels()):
+            found.setdefault(text, handle)
+    ax.legend(list(found.values()), list(found), loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+              frameon=False, **options)
 
 
 # Several models -------------------------------------------------------------------------------
@@ -306,9 +335,11 @@ def _sweep_figures(report: dict) -> list[Figure]:
     have_top1 = all("output_error" in r["result"] for r in runs)
     if have_ppl or have_top1:
         out.append(Figure("curve", _TITLES["curve"],
-                          "One point per model: measured effective-MAC sparsity of the body (result.macs.body.sparsity) "
-                          "against perplexity (result.perplexity; dashed: result.reference_perplexity, the uncompiled "
-                          "model) and top-1 agreement with the reference (result.output_error.top1_agreement).",
+                          "One point per model, one line per method (runs[].method: the passes that compiled it, "
+                          "from its config.yaml), in order of sparsity: measured effective-MAC sparsity of the body "
+                          "(result.macs.body.sparsity) against perplexity (result.perplexity; dashed: "
+                          "result.reference_perplexity, the uncompiled model) and top-1 agreement with the reference "
+                          "(result.output_error.top1_agreement).",
                           lambda fig: _draw_curve(fig, runs, labels, have_ppl, have_top1), height=3.0))
     else:
         out.append(_left_out("curve", "no perplexity (token data) and no reference to compare with"))
@@ -346,31 +377,34 @@ def _draw_training(fig, history: list[dict]) -> None:
     ax.set_ylabel("loss")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(frameon=False, loc="upper right")
+    _legend(ax)
 
 
 def _draw_curve(fig, runs, labels, have_ppl: bool, have_top1: bool) -> None:
     axes = fig.subplots(1, have_ppl + have_top1, squeeze=False)[0]
     xs = [r["result"]["macs"]["body"]["sparsity"] for r in runs]
-    order = sorted(range(len(runs)), key=lambda i: xs[i])
+    methods: dict[str, list[int]] = {}
+    for i in sorted(range(len(runs)), key=lambda i: xs[i]):   # each method's runs in order of sparsity
+        methods.setdefault(runs[i]["method"], []).append(i)
+    colors = _palette(len(methods))
     panels = ([("perplexity", lambda r: r["result"]["perplexity"], "reference_perplexity")] if have_ppl else []) + (
         [("top-1 agreement", lambda r: r["result"]["output_error"]["top1_agreement"], None)] if have_top1 else [])
     for ax, (name, get, ref_key) in zip(axes, panels):
         ys = [get(r) for r in runs]
-        ax.plot([xs[i] for i in order], [ys[i] for i in order], "o-", color=SPARSE)
-        for i in order:
+        for (method, members), color in zip(methods.items(), colors):
+            ax.plot([xs[i] for i in members], [ys[i] for i in members], "o-", color=color, label=method)
+        for i in range(len(runs)):
             ax.annotate(labels[i], (xs[i], ys[i]), textcoords="offset points", xytext=(4, 4), fontsize=7)
         refs = sorted({r["result"][ref_key] for r in runs if ref_key and ref_key in r["result"]})
         for j, ref in enumerate(refs):
             ax.axhline(ref, color=DENSE, linestyle="--", label="reference (uncompiled)" if j == 0 else None)
-        if refs:
-            ax.legend(frameon=False)
         ax.set_xlabel("effective-MAC sparsity (body)")
         ax.set_ylabel(name)
         ax.xaxis.set_major_formatter(_percent())
         if name.startswith("top-1"):
             ax.yaxis.set_major_formatter(_percent())
         ax.grid(alpha=0.3)
+    _legend(axes[-1], axes, title="method", title_fontsize=7)
 
 
 def _draw_sweep_layers(fig, per_run: list[list[_Site]], labels: list[str]) -> None:
@@ -387,7 +421,7 @@ def _draw_sweep_layers(fig, per_run: list[list[_Site]], labels: list[str]) -> No
     ax.set_ylabel("sparsity (MAC-weighted)")
     ax.set_ylim(0, 1)
     ax.yaxis.set_major_formatter(_percent())
-    ax.legend(frameon=False, ncols=min(4, len(labels)))
+    _legend(ax)
     ax.grid(alpha=0.3)
 
 
@@ -404,18 +438,18 @@ def _draw_sweep_macs(fig, runs, labels) -> None:
         ax.set_title("body (all but heads)" if part == "body" else "all sites")
         ax.set_ylabel(f"{unit}MACs per token")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(frameon=False)
+    _legend(axes[-1])
 
 
 # Simulation -----------------------------------------------------------------------------------
-def _simulation_figures(report: dict, compiled: dict | None) -> list[Figure]:
+def _simulation_figures(report: dict) -> list[Figure]:
     s, d = report["sparse"], report["dense"]
     out = []
-    if compiled is not None and compiled.get("kind") == "compile":
-        out += [f for f in _site_figures(_compile_sites(compiled), "calibrated", compiled) if f.key == "sparsity-by-layer"]
+    if "sites" in report:
+        out += [f for f in _site_figures(_simulated_sites(report), "simulated", report) if f.key == "sparsity-by-layer"]
     else:
-        out.append(_left_out("sparsity-by-layer", "the compile report (report.json beside the model) was not "
-                                                  "found; `sparsecc eval` measures sparsity per site"))
+        out.append(_left_out("sparsity-by-layer", "this simulation report has no per-site sparsity (simulated before "
+                                                  "it was recorded); run `sparsecc simulate` again"))
     out.append(_left_out("curve", "a simulation runs one compiled model: `sparsecc eval A/model.onnx B/model.onnx "
                                   "... -o OUT` draws the sparsity/accuracy curve of several"))
     out.append(Figure("macs", _TITLES["macs"],
@@ -489,7 +523,7 @@ def _draw_energy_categories(fig, s: dict, d: dict) -> None:
     total_s, total_d = s["energy_pj_per_token"]["total"], d["energy_pj_per_token"]["total"]
     ax.set_title(f"total {total_s / factor:,.3g} vs {total_d / factor:,.3g} {unit} per token "
                  f"({total_d / total_s:.2f}x)")
-    ax.legend(frameon=False)
+    _legend(ax)
     ax.grid(axis="y", alpha=0.3)
 
 
@@ -526,7 +560,7 @@ def _draw_energy_stack(fig, rows: dict, dense_rows: dict, label: str) -> None:
     _label_ticks(ax, names)
     ax.set_xlabel(label)
     ax.set_ylabel(f"{unit} per token")
-    ax.legend(frameon=False, ncols=5, fontsize=7)
+    _legend(ax)
     ax.grid(axis="y", alpha=0.3)
 
 
@@ -542,7 +576,6 @@ def _draw_latency(fig, s: dict, d: dict) -> None:
     ax.set_xticks(list(xs), [n for _, n in keys])
     ax.set_ylabel(f"{unit}cycles per token")
     ax.set_title(f"{s['latency_s_per_token'] * 1e3:.3g} vs {d['latency_s_per_token'] * 1e3:.3g} ms")
-    ax.legend(frameon=False)
     panels = ([("per_layer", "layer")] if per_layer else []) + [("per_core", "core")]
     for ax, (part, label) in zip(axes[1:], panels):
         names = list(s.get(part, {}))
@@ -562,6 +595,7 @@ def _draw_latency(fig, s: dict, d: dict) -> None:
         ax.set_ylabel(f"{unit}cycles per token (busy)")
     for ax in axes:
         ax.grid(axis="y", alpha=0.3)
+    _legend(axes[-1], axes)
 
 
 def _mesh_box(s: dict) -> tuple[list[int], int, int, int, int]:
@@ -601,8 +635,9 @@ def _draw_mesh(fig, s: dict, tokens: int) -> None:
         grid = np.full((y1 - y0 + 1, x1 - x0 + 1), np.nan)
         for c, v in values.items():
             grid[c // cols - y0, c % cols - x0] = v
+        top = max(float(np.nanmax(grid)), 1e-12)   # from 0: a 10% spread must not fill the colour map
         mesh = ax.pcolormesh(np.arange(x0, x1 + 2) - 0.5, np.arange(y0, y1 + 2) - 0.5, np.ma.masked_invalid(grid),
-                             cmap="viridis", edgecolors="white", linewidth=0.5, rasterized=not small)
+                             cmap="viridis", vmin=0.0, vmax=top, edgecolors="white", linewidth=0.5, rasterized=not small)
         ax.set_xlim(x0 - 0.5, x1 + 0.5)
         ax.set_ylim(y1 + 0.5, y0 - 0.5)   # row 0 at the top
         ax.set_aspect("equal")
@@ -615,9 +650,8 @@ def _draw_mesh(fig, s: dict, tokens: int) -> None:
         ax.set_xlabel("column")
         ax.set_ylabel("row")
         if small:   # label each core, dark text on the light (high) end of the colour map
-            lo, hi = np.nanmin(grid), np.nanmax(grid)
             for c in cores:
-                light = hi > lo and (values[c] - lo) / (hi - lo) > 0.6
+                light = values[c] / top > 0.6
                 ax.text(c % cols, c // cols, str(c), ha="center", va="center", fontsize=6,
                         color="black" if light else "white")
         fig.colorbar(mesh, ax=ax, location="right" if stacked else "bottom", shrink=0.9, aspect=10 if stacked else 25)
@@ -670,8 +704,16 @@ def _facts(report: dict, k: str) -> str:
         rows.append(("NoC", f"{s['flits']:,} flits, {s['flit_hops']:,} flit-hops (dense {d['flits']:,}, {d['flit_hops']:,})"))
         if "vs_ort" in report:
             v = report["vs_ort"]
-            rows.append(("vs ONNX Runtime", f"argmax agreement {v['argmax_agreement']:.1%}, max |logit diff| "
-                                            f"{v['max_abs_logit_diff']:.3g} of {v['max_abs_logit']:.3g}"))
+            p = v["with_ort_decisions"]
+            differing = (f"; its own decisions differ from ORT's in {p['decisions_differing']:,} of "
+                         f"{p['threshold_decisions']:,}, all within {p['largest_relative_margin_at_difference']:.2%} of t"
+                         if "threshold_decisions" in p else "")
+            rows.append(("argmax agreement with ONNX Runtime",
+                         f"{v['argmax_agreement']:.1%} with the simulator's own threshold and quantizer decisions, "
+                         f"{p['argmax_agreement']:.1%} with ORT's decisions{differing}"))
+            rows.append(("max |logit diff| vs ONNX Runtime",
+                         f"{v['max_abs_logit_diff']:.3g} with its own decisions, {p['max_abs_logit_diff']:.3g} with ORT's "
+                         f"(logits up to {v['max_abs_logit']:.3g})"))
     cells = "".join(f"<tr><th>{html.escape(n)}</th><td>{html.escape(v)}</td></tr>" for n, v in rows)
     return f"<table class=\"facts\">{cells}</table>\n"
 
@@ -681,7 +723,7 @@ def _eval_facts(report: dict) -> list[tuple[str, str]]:
     r = report["result"]
     ref = f" (reference {r['reference_perplexity']:.3f})" if "reference_perplexity" in r else ""
     e = r.get("output_error")
-    return [("model", report["model"]),
+    return [("model", report["model"]), ("method", report["method"]),
             ("perplexity", f"{r['perplexity']:.3f}{ref}" if "perplexity" in r else "-"),
             ("effective-MAC sparsity", f"{r['macs']['body']['sparsity']:.1%} body, "
                                        f"{r['macs']['all']['sparsity']:.1%} with heads"),

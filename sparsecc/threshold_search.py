@@ -17,6 +17,7 @@ from sparsecc.calibration import AbsHistogram, collect, statistic
 from sparsecc.pass_manager import Context
 from sparsecc.progress import log
 from sparsecc.runtime import load_session, saved_copy
+from sparsecc.site_names import label, threshold_names
 from sparsecc.sites import analyze
 
 
@@ -56,8 +57,19 @@ def thresholds_by_role(model: ir.Model, bands: int = 1) -> tuple[list[SearchThre
 
 
 def role_label(role: tuple) -> str:
-    """A role as the shapes of the sites a threshold feeds, e.g. 576x1536+576x1536."""
+    """A role as the shapes of the sites a threshold feeds, e.g. 576x1536+576x1536 (an id:
+    checkpoints and reports key groups by it; `group_labels` names them for people)."""
     return "+".join(f"{k}x{n}" for k, n in role)
+
+
+def group_labels(model: ir.Model, thresholds: list[SearchThreshold], key=lambda th: th.group) -> dict:
+    """key(threshold) -> the label of the sites its thresholds feed, e.g. `layers 0-3 q/k/v`
+    (sparsecc.site_names); `key` picks what is named: each threshold's group by default."""
+    names = threshold_names(model.graph)
+    members: dict = {}
+    for th in thresholds:
+        members.setdefault(key(th), []).extend(names.get(th.node.name, []))
+    return {k: label(v) for k, v in members.items()}
 
 
 def dense_statistics(model: ir.Model, thresholds: list[SearchThreshold], natural: list, ctx: Context,

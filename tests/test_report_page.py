@@ -15,6 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO, SAMPLE, SAMPLE_MODEL, TEST_TXT, VALID_TXT, mlp_model, save
 
@@ -56,10 +57,6 @@ def _report(folder: Path) -> dict:
     return json.loads((folder / "report.json").read_text(encoding="utf-8"))
 
 
-def _compiled_for(name: str, runs) -> dict | None:
-    return report_page.compile_report(runs["compile"]) if name == "simulate" else None
-
-
 def _page_figures(page: str) -> tuple[set[str], set[str]]:
     """(figures drawn, figures left out) as the page marks them."""
     drawn = set(re.findall(r'<figure class="plot" id="fig-[^"]+" data-figure="([^"]+)"', page))
@@ -91,7 +88,7 @@ def test_every_report_has_its_page_with_the_figures_its_data_allows(runs, name, 
 def test_page_is_byte_identical_and_a_function_of_the_report_alone(runs, name):
     folder = runs[name]
     written = (folder / "report.html").read_text(encoding="utf-8")   # rendered by the command, from its dict
-    assert report_page.render(_report(folder), _compiled_for(name, runs)) == written
+    assert report_page.render(_report(folder)) == written
     ids = re.findall(r'\bid="([^"]+)"', written)
     assert len(ids) == len(set(ids)), "inline SVGs must not share ids"
     # a different report gives a different page (the figures follow the data)
@@ -104,7 +101,7 @@ def test_page_is_byte_identical_and_a_function_of_the_report_alone(runs, name):
         changed["result"]["sites"][0]["sparsity"] = 0.9
     else:
         changed["runs"][0]["result"]["macs"]["body"]["sparsity"] = 0.9
-    assert report_page.render(changed, _compiled_for(name, runs)) != written
+    assert report_page.render(changed) != written
 
 
 def test_page_size_stays_small(runs):
@@ -134,6 +131,7 @@ def test_eval_of_several_models_compares_them(runs):
     assert 0.25 < sparsity[0] < 0.35 and 0.45 < sparsity[1] < 0.55
     markdown = (runs["sweep"] / "report.md").read_text(encoding="utf-8")
     assert all(m in markdown for m in models) and markdown.count("## sparsecc eval:") == 2
+    assert markdown.count("| calibrate-thresholds |") == 2 and markdown.count("Method: calibrate-thresholds") == 2
     # the curve has one labelled point per model
     page = (runs["sweep"] / "report.html").read_text(encoding="utf-8")
     curve = re.search(r'id="fig-curve".*?</svg>', page, re.S).group(0)
@@ -159,10 +157,12 @@ def test_simulation_reports_traffic_and_cycles_per_core_and_layer(runs):
 def test_figures_without_data_are_left_out_with_the_reason(runs, tmp_path):
     sim = _report(runs["simulate"])
     keys = lambda figs: {f.key for f in figs if f.draw is not None}   # noqa: E731
-    # without the compile report beside it, a simulation has no per-site sparsity to show
-    figs = report_page.figures(sim)
+    # a simulation report from before per-site sparsity was recorded: no sparsity per site to show
+    old = copy.deepcopy(sim)
+    del old["sites"]
+    figs = report_page.figures(old)
     assert keys(figs) == DRAWN["simulation"] - {"sparsity-by-layer"}
-    assert "compile report" in next(f.note for f in figs if f.key == "sparsity-by-layer")
+    assert "no per-site sparsity" in next(f.note for f in figs if f.key == "sparsity-by-layer")
     # no per-core figures: no mesh; no traffic per core: the mesh shows the load and says so
     bare = copy.deepcopy(sim)
     bare["sparse"]["per_core"] = {}
@@ -183,6 +183,139 @@ def test_figures_without_data_are_left_out_with_the_reason(runs, tmp_path):
     assert keys(figs) == set()
     assert "no thresholds" in next(f.note for f in figs if f.key == "sparsity-by-layer")
     assert _page_figures((tmp_path / "dense" / "report.html").read_text())[1] == ALL
+
+
+# What the figures draw -------------------------------------------------------------------------
+def _laid_out(fig: report_page.Figure):
+    """A page figure drawn and laid out as on the page (Agg: the positions of what it draws)."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    with matplotlib.rc_context(report_page.RC):
+        canvas = report_page.drawn(fig)
+        FigureCanvasAgg(canvas).draw()
+    return canvas
+
+
+def _figure(report: dict, key: str) -> report_page.Figure:
+    return next(f for f in report_page.figures(report) if f.key == key)
+
+
+def test_simulate_page_plots_the_sparsity_the_simulation_measured(runs):
+    from sparsecc import compiler, model_io
+    from sparsecc.runtime import ort_session
+
+    sim = _report(runs["simulate"])
+    fig = _laid_out(_figure(sim, "sparsity-by-layer"))
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "simulated sparsity"
+    heights = sorted(p.get_height() for p in ax.patches)
+    assert heights == pytest.approx(sorted(s["sparsity"] for s in sim["sites"]), abs=1e-9)
+    # the simulated sparsity is ORT's on the same tokens (up to near-ties and 16-bit rounding) ...
+    model = model_io.load_model(runs["compile"] / "model.onnx")
+    consumes = {s["site"]: s["tensor"] for s in _report(runs["eval"])["result"]["sites"]}
+    source = compiler.data_source(TEST_TXT, SAMPLE, 6, 1)
+    tensors = sorted(set(consumes.values()))
+    with ort_session(model, tensors) as session:
+        feed = next(iter(source.feeds([i.name for i in session.get_inputs()])))
+        acts = dict(zip(tensors, session.run(tensors, feed)))
+    for s in sim["sites"]:
+        x = acts[consumes[s["site"]]]
+        assert s["sparsity"] == pytest.approx(1 - np.count_nonzero(x) / x.size, abs=0.01), s["label"]
+    # ... and not what was calibrated (what the page used to plot)
+    calibrated = {r["label"]: r["calibrated_sparsity"] for r in _report(runs["compile"])["passes"][2]["details"]["thresholds"]}
+    by_threshold = [(s["sparsity"], calibrated[s["label"].rsplit(" ", 1)[0] + " " + group])
+                    for s in sim["sites"] for group in ("q/k/v", "o", "gate/up", "down")
+                    if s["label"].rsplit(" ", 1)[0] + " " + group in calibrated and s["label"].split()[-1] in group.split("/")]
+    assert len(by_threshold) == 28 and max(abs(a - b) for a, b in by_threshold) > 0.02
+
+
+def test_simulate_page_shows_agreement_with_own_and_with_ort_decisions(runs):
+    sim = _report(runs["simulate"])
+    page = (runs["simulate"] / "report.html").read_text(encoding="utf-8")
+    own, pinned = sim["vs_ort"]["argmax_agreement"], sim["vs_ort"]["with_ort_decisions"]["argmax_agreement"]
+    facts = re.search(r"<th>argmax agreement with ONNX Runtime</th><td>([^<]+)</td>", page).group(1)
+    assert facts.startswith(f"{own:.1%} with the simulator&#x27;s own threshold and quantizer decisions, "
+                            f"{pinned:.1%} with ORT&#x27;s decisions")
+
+
+def test_heat_map_colour_scales_start_at_zero(runs):
+    sim = _report(runs["simulate"])
+    per_core = sim["sparse"]["per_core"]
+    for i, core in enumerate(sorted(per_core, key=int)):   # a 10% spread of load over the cores
+        per_core[core]["cycles"] = 1000.0 + 10.0 * i
+    fig = _laid_out(_figure(sim, "mesh"))
+    meshes = [c for ax in fig.axes if ax.get_title() for c in ax.collections   # the panels, not their colour bars
+              if c.__class__.__name__ == "QuadMesh"]
+    assert len(meshes) == 3
+    for mesh in meshes:
+        assert mesh.norm.vmin == 0 and mesh.norm.vmax == pytest.approx(float(np.nanmax(mesh.get_array())))
+    assert meshes[0].norm.vmax == pytest.approx(1000.0 + 10.0 * (len(per_core) - 1))
+
+
+def _curve_lines(report: dict) -> list:
+    ax = _laid_out(_figure(report, "curve")).axes[0]
+    return [line for line in ax.lines if line.get_marker() == "o"]
+
+
+def test_sweep_curve_draws_one_line_per_method(runs):
+    sweep = _report(runs["sweep"])
+    # the method comes from each model's config.yaml: both compiled by calibrate-thresholds (partition is the target's)
+    assert [r["method"] for r in sweep["runs"]] == ["calibrate-thresholds", "calibrate-thresholds"]
+    (line,) = _curve_lines(sweep)
+    assert list(line.get_xdata()) == sorted(r["result"]["macs"]["body"]["sparsity"] for r in sweep["runs"])
+    # two methods at two sparsities each: two lines, each in order of sparsity, named in the legend
+    mixed = copy.deepcopy(sweep)
+    mixed["runs"] = [copy.deepcopy(r) for r in sweep["runs"] * 2]
+    for run, method, sparsity in zip(mixed["runs"], ("A", "B", "B", "A"), (0.5, 0.3, 0.5, 0.3)):
+        run["method"], run["result"]["macs"]["body"]["sparsity"] = method, sparsity
+    lines = _curve_lines(mixed)
+    assert [(line.get_label(), list(line.get_xdata())) for line in lines] == [("B", [0.3, 0.5]), ("A", [0.3, 0.5])]
+    legend = _laid_out(_figure(mixed, "curve")).axes[-1].get_legend()
+    assert [t.get_text() for t in legend.get_texts()][:2] == ["B", "A"]
+
+
+def test_a_models_method_is_the_passes_that_compiled_it(tmp_path):
+    from sparsecc import compiler, pipeline
+
+    def spec(**options):
+        return pipeline.to_spec(pipeline.default_pipeline(**options))
+
+    assert compiler.method(spec()) == "calibrate-thresholds"
+    assert compiler.method(spec(weight_scores=True, finetune_steps=3, quant="w8a8")) == (
+        "quantize-weights + weight-scores + calibrate-thresholds + finetune-bands + quantize-activations")
+    assert compiler.method(spec(thresholds=False)) == "no thresholds"
+    assert compiler.method({}) == "not compiled by sparsecc"   # no config.yaml beside the model
+
+
+@pytest.mark.parametrize("name", ["compile", "eval", "sweep", "simulate"])
+def test_legends_sit_beside_the_axes_never_over_them(runs, name):
+    from matplotlib.transforms import Bbox
+
+    report = _report(runs[name])
+    legends = 0
+    for fig in report_page.figures(report):
+        if fig.draw is None:
+            continue
+        drawn = _laid_out(fig)
+        page = drawn.bbox
+        for ax in drawn.axes:
+            legend = ax.get_legend()
+            if legend is None:
+                continue
+            legends += 1
+            box = legend.get_window_extent()
+            assert page.x0 <= box.x0 and box.x1 <= page.x1 + 1 and page.y0 <= box.y0 and box.y1 <= page.y1 + 1, fig.key
+            for other in drawn.axes:
+                overlap = Bbox.intersection(box, other.get_window_extent())
+                assert overlap is None or overlap.width * overlap.height < 1, (fig.key, box, other.get_window_extent())
+    assert legends >= {"compile": 2, "eval": 2, "sweep": 3, "simulate": 5}[name]
+
+
+def test_site_bars_are_named_by_role(runs):
+    for name in ("compile", "eval", "simulate"):
+        legend = _laid_out(_figure(_report(runs[name]), "sparsity-by-layer")).axes[0].get_legend()
+        assert [t.get_text() for t in legend.get_texts()] == ["q", "k", "v", "o", "gate", "up", "down"], name
 
 
 # The page in a real browser ------------------------------------------------------------------

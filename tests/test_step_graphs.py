@@ -8,6 +8,7 @@ Sites are identified by their weight's values against the PyTorch modules, never
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx_ir as ir
@@ -25,6 +26,7 @@ from sparsecc.errors import SparseccError
 from sparsecc.export import check_parity, export_step_graph
 from sparsecc.model_io import load_model
 from sparsecc.runtime import load_session
+from sparsecc.site_names import site_labels
 from sparsecc.sites import analyze, weight_array
 from sparsecc.stepgraph import METADATA_KEY, StepSession, read_spec
 from sparsecc.threshold_search import thresholds_by_role
@@ -188,6 +190,36 @@ def test_sites_found_by_structure(exported, arch, per_layer, groups_per_layer):
     assert len(body_groups) == groups_per_layer * LAYERS
     # attention-like products between activations are not sites (Mamba's C readout, mLSTM, attention)
     assert analysis.attention_products == {"mamba": 1, "xlstm": 3, "llama": 2}[arch] * LAYERS
+
+
+# torch module (after the layer index) -> the name sparsecc.site_names gives its site, from
+# structure alone: attention and MLP roles where the data flow shows them, `o` for a recurrent
+# mixer's output, else the site's position in its layer
+ROLES = {
+    "rwkv": {"attention.key": "site 0", "attention.receptance": "site 1", "attention.value": "site 2",
+             "attention.output": "o", "feed_forward.receptance": "site 4", "feed_forward.key": "up",
+             "feed_forward.value": "down"},
+    "mamba": {"mixer.in_proj": "site 0", "mixer.x_proj": "site 1", "mixer.dt_proj": "site 2", "mixer.out_proj": "o"},
+    "xlstm": {"mlstm_layer.q": "site 0", "mlstm_layer.k": "site 1", "mlstm_layer.v": "site 2",
+              "mlstm_layer.ogate_preact": "site 3", "mlstm_layer.igate_preact": "site 4",
+              "mlstm_layer.fgate_preact": "site 5", "mlstm_layer.out_proj": "o", "ffn.proj_up_gate": "gate",
+              "ffn.proj_up": "up", "ffn.proj_down": "down"},
+    "llama": {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+              "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"},
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sites_are_named_by_layer_and_role(exported, arch):
+    lm, path = exported[arch]
+    model = load_model(path)
+    analysis, modules = _site_modules(model, lm)
+    labels = site_labels(model.graph, analysis)
+    expected = []
+    for module in modules:
+        m = re.search(r"\.(\d+)\.(.+)$", module)
+        expected.append(f"layer {m.group(1)} {ROLES[arch][m.group(2)]}" if m else "head")
+    assert [labels[s.index] for s in analysis.sites] == expected
 
 
 def test_export_is_byte_identical(exported, tmp_path):

@@ -166,7 +166,8 @@ def simulation_report(sparse, target: Target, runs: dict, windows: int, tokens: 
     """The simulation report from the sparse and dense runs and, when checked against ORT,
     (own decisions, ORT's decisions, ORT's effective MACs, MACs with ORT's decisions, ORT seconds)."""
     report = {"schema": "sparsecc.simulation/1", "target": target.name, "tokens": tokens, "windows": windows,
-              "sparse": _summary(runs["sparse"], target), "dense": _summary(runs["dense"], target)}
+              "sparse": _summary(runs["sparse"], target), "dense": _summary(runs["dense"], target),
+              "sites": _site_sparsity(sparse, runs["sparse"])}
     if sparse.host:   # declined at compile: values from the reference, cost left out of every figure
         report["host_nodes"] = sparse.host
     s, d = report["sparse"], report["dense"]
@@ -298,6 +299,24 @@ def _summary(results: list, target: Target) -> dict:
             "total": sum(compensation.values()) / tokens},
         "energy_share": sum(compensation.values()) / total,
         "mac_lane_ops": sum(r.compensation_mac_lane_ops for r in results)}} if compensation else {})
+
+
+def _site_sparsity(sim, results: list) -> list[dict]:
+    """Every linear site's input sparsity as the simulation measured it (the events its tiles
+    read, over every window), with its label and layer (sparsecc.site_names)."""
+    from sparsecc.site_names import site_labels, site_layers
+    from sparsecc.sites import analyze
+
+    analysis = analyze(sim.graph)
+    labels, layers = site_labels(sim.graph, analysis), site_layers(analysis.sites)
+    zeros: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for r in results:
+        for name, (z, n) in r.site_zeros.items():
+            zeros[name][0] += z
+            zeros[name][1] += n
+    return [{"site": s.node, "label": labels[s.index], "layer": layers.get(s.index), "head": s.head,
+             "compensates": s.compensates, "macs_per_token": s.macs_per_token,
+             "sparsity": zeros[s.node][0] / zeros[s.node][1]} for s in analysis.sites if zeros[s.node][1]]
 
 
 def _layer_key(name: str):

@@ -90,6 +90,7 @@ class StepResult:
     compensation_pj: dict[str, float] = dataclasses.field(default_factory=dict)  # low-rank compensation's share of energy_pj
     compensation_mac_lane_ops: int = 0                   # its share of mac_lane_ops
     core_flits: dict[int, collections.Counter] = dataclasses.field(default_factory=dict)  # core -> flits "sent", "received"
+    site_zeros: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # site -> (zero inputs, inputs), as its tiles read them
 
 
 class Simulator:
@@ -241,6 +242,7 @@ class Simulator:
         env.update(feeds)
         work: dict[str, list[Work]] = {}
         lane_ops = dense_macs = compensation_ops = 0
+        site_zeros = {}
         for node in self.nodes:
             if node.name in self.folded:
                 continue
@@ -261,6 +263,8 @@ class Simulator:
                         work[node.name].append(Work(home, store, np.full(tokens, cost.cycles(store, self.target) / tokens, F32)))
                 if node.name in self.sites:
                     lane_ops += macs
+                    x = self._site_input(node, inputs[0], env)
+                    site_zeros[node.name] = (int(x.size - np.count_nonzero(x)), int(x.size))
                     if node.name in self.compensation:
                         compensation_ops += macs
                     else:   # dense MACs: of the model without compensation
@@ -288,6 +292,7 @@ class Simulator:
         self.work = work
         result = self._account(env, work, tokens, lane_ops, dense_macs, keep)
         result.compensation_mac_lane_ops = compensation_ops
+        result.site_zeros = site_zeros
         return result
 
     def _read(self, value: ir.Value | None, x):
@@ -311,12 +316,15 @@ class Simulator:
         """The second factor an int8-weight tile multiplies by at capture."""
         return self.int8[name].event_scale if name in self.int8 else 1 / 256
 
+    def _site_input(self, node: ir.Node, x, env: dict) -> np.ndarray:
+        """What a site's tiles read: an integer site its int8 events, a float site its 16-bit input."""
+        return np.asarray(env[self.int8[node.name].events.name]) if node.name in self.int8 else self._read(node.inputs[0], x)
+
     def _tiled(self, node: ir.Node, inputs: list, tokens: int, env: dict):
         w = self.weights[node.name]
         scale = self.scales.get(node.name)
-        if node.name in self.sites:  # an integer site reads the int8 events, a float site its 16-bit input
-            x = (np.asarray(env[self.int8[node.name].events.name]) if node.name in self.int8
-                 else self._read(node.inputs[0], inputs[0]))
+        if node.name in self.sites:
+            x = self._site_input(node, inputs[0], env)
             lead = x.shape[:-1]
             x2 = x.reshape(-1, x.shape[-1])
         else:  # embedding: a one-hot event per token (channel = token id, value 1)
