@@ -27,7 +27,7 @@ from sparsecc import ops
 from sparsecc.data import FeedSource
 from sparsecc.errors import SparseccError
 from sparsecc.progress import bar, log
-from sparsecc.model_io import fingerprint
+from sparsecc.model_io import atomic_write, file_lock, fingerprint
 from sparsecc.runtime import load_session, saved_copy
 
 _SHIFT = 17                     # keep 8 exponent + 6 mantissa bits: 64 bins per octave
@@ -99,10 +99,15 @@ class AbsHistogram:
         return float(below + min(frac, 1.0) * self.counts[b]) / total
 
 
+# Statistics this process computed and reused from the cache (a sweep cell reports them).
+STATS = {"computed": 0, "reused": 0}
+
+
 def collect(model: ir.Model, tensors: list[str], source: FeedSource, cache_dir: Path | None = None,
             desc: str = "calibrating") -> dict[str, AbsHistogram]:
     """One histogram per name over all feeds of `source`: of |x| for a tensor, of the score
-    |x_i| * c_i for a weight-aware threshold's `statistic`."""
+    |x_i| * c_i for a weight-aware threshold's `statistic`. With `cache_dir`, an entry is
+    computed by one process at a time (others wait for it, then read it)."""
     tensors = sorted(set(tensors))
     scores = _scores(model, tensors)
     fetch = sorted({scores[name][0] if name in scores else name for name in tensors})
@@ -110,26 +115,37 @@ def collect(model: ir.Model, tensors: list[str], source: FeedSource, cache_dir: 
         # the scales are in the saved model too; named here so a key never depends on that
         scaled = [f"{name}={hashlib.sha256(scores[name][1].tobytes()).hexdigest()}" for name in tensors if name in scores]
         cache = _cache_path(cache_dir, files, source, tensors + scaled)
-        if cache is not None and cache.is_file():
-            log(f"{desc}: reusing cached statistics {cache.name}")
-            with np.load(cache) as data:
-                return {name: AbsHistogram(data[f"h{i}"]) for i, name in enumerate(tensors)}
-        session = load_session(files[0])
-        hists = {name: AbsHistogram() for name in tensors}
-        inputs = [i.name for i in session.get_inputs()]
-        for feed in bar(source.feeds(inputs), total=len(source), desc=desc):
-            arrays = dict(zip(fetch, session.run(fetch, feed)))
-            for name in tensors:
-                if name in scores:
-                    tensor, scale = scores[name]
-                    hists[name].add(_scaled(arrays[tensor], scale, name))
-                else:
-                    hists[name].add(arrays[name])
-                if hists[name].nonfinite:
-                    raise SparseccError(f"{desc}: tensor {name!r} has NaN or infinite values on the calibration data; "
-                                        "check the feeds (or the model's numerics on them)")
-    if cache is not None:
-        _atomic_savez(cache, {f"h{i}": hists[name].counts for i, name in enumerate(tensors)})
+        if cache is None:
+            return _measure(files[0], tensors, fetch, scores, source, desc)
+        with file_lock(cache, waiting=lambda: log(f"{desc}: waiting for another process computing {cache.name}")):
+            if cache.is_file():
+                log(f"{desc}: reusing cached statistics {cache.name}")
+                STATS["reused"] += 1
+                with np.load(cache) as data:
+                    return {name: AbsHistogram(data[f"h{i}"]) for i, name in enumerate(tensors)}
+            hists = _measure(files[0], tensors, fetch, scores, source, desc)
+            arrays = {f"h{i}": hists[name].counts for i, name in enumerate(tensors)}
+            atomic_write(cache, lambda f: np.savez_compressed(f, **arrays))
+            return hists
+
+
+def _measure(model_file: Path, tensors: list[str], fetch: list[str], scores: dict, source: FeedSource,
+             desc: str) -> dict[str, AbsHistogram]:
+    session = load_session(model_file)
+    hists = {name: AbsHistogram() for name in tensors}
+    inputs = [i.name for i in session.get_inputs()]
+    for feed in bar(source.feeds(inputs), total=len(source), desc=desc):
+        arrays = dict(zip(fetch, session.run(fetch, feed)))
+        for name in tensors:
+            if name in scores:
+                tensor, scale = scores[name]
+                hists[name].add(_scaled(arrays[tensor], scale, name))
+            else:
+                hists[name].add(arrays[name])
+            if hists[name].nonfinite:
+                raise SparseccError(f"{desc}: tensor {name!r} has NaN or infinite values on the calibration data; "
+                                    "check the feeds (or the model's numerics on them)")
+    STATS["computed"] += 1
     return hists
 
 
@@ -173,17 +189,6 @@ def _cache_path(cache_dir: Path | None, model_files: list[Path], source: FeedSou
     parts = [CACHE_VERSION, fingerprint(model_files), data_key, *tensors]
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()
     return Path(cache_dir) / f"hist-{key[:32]}.npz"
-
-
-def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    finally:   # interrupted (Ctrl-C) or failed: no partial file left in the cache
-        tmp.unlink(missing_ok=True)
 
 
 def default_cache_dir() -> Path:

@@ -1,4 +1,4 @@
-"""The `sparsecc` command: compile, eval, simulate, list.
+"""The `sparsecc` command: compile, eval, simulate, sweep, list, export, inspect.
 
 Results go to stdout (JSON with --json); progress and logs to stderr. Errors a user can fix
 print one line and exit 2; -v adds tracebacks.
@@ -13,14 +13,10 @@ import threading
 from pathlib import Path
 
 from sparsecc import __version__, compiler, config as cfg, pipeline as pipelines, progress
-from sparsecc import report as reports, report_page
+from sparsecc import report as reports
 from sparsecc.calibration import default_cache_dir
 from sparsecc.errors import SparseccError
-from sparsecc.model_io import atomic_dir, check_output_dir
-
-# The pass options the compile command exposes as flags (from the passes' typed configs).
-FLAG_PASSES = ("insert-thresholds", "calibrate-thresholds")
-
+from sparsecc.model_io import check_output_dir
 
 def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
     """-v/-q/--json work before or after the subcommand (the subcommand's never reset the top's)."""
@@ -88,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dump-after", action="append", default=[], metavar="PASS",
                    help="write the IR as text after this pass (id or name) to OUT.dumps/")
     group = c.add_argument_group("pass options (from the passes' configs)")
-    for name in FLAG_PASSES:
+    for name in pipelines.FLAG_PASSES:
         for f in cfg.fields(passes.get(name).Config):
             flag = "--" + f.name.replace("_", "-")
             if f.type is bool:
@@ -143,21 +139,32 @@ def build_parser() -> argparse.ArgumentParser:
                                      "calibrated sparsity per threshold (report.json) and the cores of each site "
                                      "(placement.json). One `kind key=value` record per line; --json for one document.")
     ins.add_argument("path", help="an .onnx model, or the -o folder of `sparsecc compile`")
-    for p in (c, e, sm, ls, ex, ins):
+    sw = sub.add_parser("sweep", help="compile, evaluate (and simulate) a grid of configurations as Ray tasks",
+                        description="Run every cell of SWEEP (a sweep file: models, data, eval settings, a grid or list "
+                                    "of compile configurations) as a Ray task: compile, eval, and simulate for seneca. "
+                                    "Each cell goes to OUT/cells/NAME (atomically; complete cells are skipped when run "
+                                    "again), then OUT/report.{json,md,html}: one eval-sweep report with a row per cell. "
+                                    "Needs the sweep extra (Ray). Exit 1 when a cell failed.")
+    sw.add_argument("sweep", help="sweep file (YAML, schema sparsecc.sweep/1; see samples/sweep.yaml)")
+    sw.add_argument("-o", "--out", required=True, help="output folder (kept between runs: complete cells are reused)")
+    sw.add_argument("--address", metavar="ADDR", help="join this Ray cluster (e.g. auto, or HOST:6379) instead of "
+                    "starting Ray on this machine")
+    sw.add_argument("--cpus", type=int, metavar="N", help="CPUs of the Ray runtime started here (default: every core)")
+    sw.add_argument("--cache-dir", type=Path, default=None, metavar="DIR", help=f"calibration cache the cells share "
+                    f"(default {default_cache_dir()}; a folder every node can reach, for a cluster)")
+    sw.add_argument("--no-cache", action="store_true", help="do not read or write the calibration cache")
+    for p in (c, e, sm, ls, ex, ins, sw):
         _add_common(p)
     return parser
 
 
 def _compile(args) -> dict:
-    from sparsecc import passes as registry
-
-    flag_values = {f.name: getattr(args, f.name) for name in FLAG_PASSES for f in cfg.fields(registry.get(name).Config)}
-    flag_values = {k: v for k, v in flag_values.items() if v is not None}
-    search_flags = {"search": args.search, "search_option": args.search_option or None,
-                    "weight_scores": args.weight_scores or None, "compensate_rank": args.compensate_rank,
-                    "finetune_steps": args.finetune_steps, "distill_steps": args.distill_steps,
-                    "distill_option": args.distill_option or None}
-    flag_values |= {k: v for k, v in search_flags.items() if v is not None}
+    named = ("search_options", "distill_options")
+    flag_values = {name: getattr(args, name) for name in pipelines.option_names() if name not in named}
+    flag_values["search_option"] = args.search_option or None
+    flag_values["distill_option"] = args.distill_option or None
+    flag_values["weight_scores"] = args.weight_scores or None
+    flag_values = {k: v for k, v in flag_values.items() if v is not None and k != "quant"}
     if args.pipeline:
         if args.quant:
             flag_values["quant"] = args.quant
@@ -166,34 +173,16 @@ def _compile(args) -> dict:
                                 "set pass options in the pipeline file")
         passes, data = pipelines.load(args.pipeline)
     else:
-        options = {}
-        for name in FLAG_PASSES:
-            cls = registry.get(name)
-            own = {f.name: flag_values[f.name] for f in cfg.fields(cls.Config) if f.name in flag_values}
-            options[name] = cfg.build(cls.Config, own, name)  # validates early, with the flag's name
+        options = {name: getattr(args, name) for name in pipelines.option_names()
+                   if name not in ("search_options", "distill_options")}
+        options["search_options"] = _key_values(args.search_option, "--search-option")
+        options["distill_options"] = _key_values(args.distill_option, "--distill-option")
         # no calibration data and no sparsity asked for: compile the model as it is (no thresholds)
-        thresholds = args.data is not None or args.samples is not None or args.sparsity is not None
-        if args.search == "sequential-search" and args.sparsity is not None:
-            raise SparseccError("sequential-search has no sparsity target: its knob is loss_inc "
-                                "(--search-option loss_inc=1.0005); drop --sparsity")
-        passes = pipelines.default_pipeline(**{**cfg.to_dict(options["insert-thresholds"]),
-                                               **cfg.to_dict(options["calibrate-thresholds"])}, quant=args.quant,
-                                            thresholds=thresholds, search=args.search or pipelines.SEARCHES[0],
-                                            search_options=_key_values(args.search_option, "--search-option"),
-                                            weight_scores=args.weight_scores, compensate_rank=args.compensate_rank or 0,
-                                            finetune_steps=args.finetune_steps or 0,
-                                            distill_steps=args.distill_steps or 0,
-                                            distill_options=_key_values(args.distill_option, "--distill-option"))
+        given = args.data is not None or args.samples is not None or args.sparsity is not None
+        passes = pipelines.from_options(options, thresholds=given)
         data = {}
-    data = {k: v for k, v in data.items() if v is not None}
-    for key in pipelines.DATA_KEYS:  # flags override the pipeline file's data
-        given = getattr(args, "data" if key == "calib" else key)
-        if given is not None:
-            data[key] = given
-    for key in ("calib", "tokenizer"):  # absolute, so config.yaml works from any folder
-        if key in data:
-            data[key] = str(Path(data[key]).resolve())
-    data.setdefault("seq_len", 256)
+    flags = {key: getattr(args, "data" if key == "calib" else key) for key in pipelines.DATA_KEYS}
+    data = compiler.resolved_data(data, flags)   # flags override the pipeline file's data
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
     source = compiler.data_source(data.get("calib"), data.get("tokenizer"), data["seq_len"], data.get("windows"),
                                   data.get("samples", 0), args.model, data.get("sample_temperature", 1.0),
@@ -238,11 +227,7 @@ def _eval(args) -> dict:
     result = runs[0] if len(runs) == 1 else {"schema": reports.SCHEMA, "kind": "eval-sweep", "sparsecc": __version__,
                                              "runs": runs}
     if args.out:
-        with atomic_dir(args.out) as tmp:
-            markdown = reports.eval_markdown(result) if len(runs) == 1 else reports.eval_sweep_markdown(result)
-            (tmp / "report.md").write_text(markdown, encoding="utf-8")
-            (tmp / "report.json").write_text(reports.dumps(result), encoding="utf-8")
-            (tmp / "report.html").write_text(report_page.render(result), encoding="utf-8")
+        compiler.write_eval_report(args.out, result)
     if not args.json:
         for run in runs:
             label = f"{run['model']}: " if len(runs) > 1 else ""
@@ -271,12 +256,7 @@ def _simulate(args) -> dict:
     at = compiler.data_source(args.data, tokenizer, max(positions) + args.position_tokens, 1) if positions else None
     result = simulate(folder, source, compare=not args.no_compare, positions=positions, position_source=at,
                       position_tokens=args.position_tokens)
-    speed = result.pop("speed")  # wall times: timings.json, so the reports stay byte-identical
-    with atomic_dir(out) as tmp:
-        (tmp / "report.md").write_text(reports.simulation_markdown(result), encoding="utf-8")
-        (tmp / "report.json").write_text(reports.dumps(result), encoding="utf-8")
-        (tmp / "timings.json").write_text(reports.dumps(speed), encoding="utf-8")
-        (tmp / "report.html").write_text(report_page.render(result), encoding="utf-8")
+    speed = compiler.write_simulation_report(out, result)
     if not args.json:
         print(reports.simulation_summary(result, speed))
     return result
@@ -331,32 +311,51 @@ def _inspect(args) -> dict:
     return doc
 
 
-def _exit_on_sigterm(signum, frame):
+def _sweep(args) -> dict:
+    from sparsecc.sweep import run_sweep
+
+    if args.cpus is not None and (args.cpus < 1 or args.address):
+        raise SparseccError("--cpus must be at least 1, and sets the Ray runtime started here: drop it with --address")
+    cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    report = run_sweep(args.sweep, args.out, address=args.address, cpus=args.cpus, cache_dir=cache)
+    if not args.json:
+        s = report["sweep"]
+        print(f"{s['ok']} of {s['cells']} cells complete, {s['failed']} failed -> {Path(args.out) / 'report.html'}")
+        for row in report["cells"]:
+            if row["status"] != "ok":
+                print(f"{row['cell']}: failed: {row['error']}")
+    return report
+
+
+def _exit_on_signal(signum, frame):
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so temporary folders are removed
 
 
 def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        for name in ("SIGTERM", "SIGHUP"):  # SIGHUP: the terminal closed
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), _exit_on_signal)
     args = build_parser().parse_args(argv)
     progress.set_verbosity(0 if args.quiet or args.json else 1 + args.verbose)
     try:
         result = {"compile": _compile, "eval": _eval, "simulate": _simulate, "list": _list,
-                  "export": _export, "inspect": _inspect}[args.command](args)
+                  "export": _export, "inspect": _inspect, "sweep": _sweep}[args.command](args)
     except SparseccError as exc:
         if args.verbose:
             raise
         print(f"sparsecc: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("sparsecc: interrupted; no output written", file=sys.stderr)
+        kept = "the complete cells are kept; run it again to go on" if args.command == "sweep" else "no output written"
+        print(f"sparsecc: interrupted; {kept}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed early (e.g. piped into `head`): not an error
         sys.stdout = open(os.devnull, "w")
         return 0
     if args.json:
         print(reports.dumps(result), end="")
-    return 0
+    return 1 if args.command == "sweep" and result["sweep"]["failed"] else 0
 
 
 if __name__ == "__main__":

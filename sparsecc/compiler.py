@@ -46,6 +46,21 @@ def data_source(calib: str | os.PathLike | None, tokenizer: str | os.PathLike | 
     return sampled if source is None else MixedFeeds([source, sampled])
 
 
+def resolved_data(data: dict, overrides: dict | None = None) -> dict:
+    """Data settings as config.yaml records them: `overrides` (flags) over `data` (a pipeline
+    file's), None dropped, paths absolute (so the file works from any folder), seq_len set,
+    in DATA_KEYS order."""
+    data = {k: v for k, v in data.items() if v is not None}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    for key in ("calib", "tokenizer"):
+        if key in data:
+            data[key] = str(Path(data[key]).resolve())
+    data.setdefault("seq_len", 256)
+    return {k: data[k] for k in pipelines.DATA_KEYS if k in data}   # one order, however they were given
+
+
 @dataclasses.dataclass
 class CompileResult:
     model: ir.Model
@@ -156,3 +171,26 @@ def method(config: dict[str, Any]) -> str:
     names = [p.get("pass") for p in passes if isinstance(p, dict)]
     return " + ".join(str(n) for n in names if n not in _NOT_METHOD) or "no thresholds"
 
+
+
+def write_eval_report(out: str | os.PathLike, report: dict) -> None:
+    """report.json, report.md and report.html of an eval (or an eval-sweep of several models)
+    into `out`, atomically."""
+    markdown = reports.eval_sweep_markdown(report) if report["kind"] == "eval-sweep" else reports.eval_markdown(report)
+    with model_io.atomic_dir(out) as tmp:
+        (tmp / "report.md").write_text(markdown, encoding="utf-8")
+        (tmp / "report.json").write_text(reports.dumps(report), encoding="utf-8")
+        (tmp / "report.html").write_text(report_page.render(report), encoding="utf-8")
+
+
+def write_simulation_report(out: str | os.PathLike, report: dict) -> dict:
+    """A simulation report into `out`, atomically: report.json,
+    report.md, report.html and timings.json (its wall-time figures, taken out of `report` so
+    the reports stay byte-identical). Returns those figures."""
+    speed = report.pop("speed")
+    with model_io.atomic_dir(out) as tmp:
+        (tmp / "report.md").write_text(reports.simulation_markdown(report), encoding="utf-8")
+        (tmp / "report.json").write_text(reports.dumps(report), encoding="utf-8")
+        (tmp / "timings.json").write_text(reports.dumps(speed), encoding="utf-8")
+        (tmp / "report.html").write_text(report_page.render(report), encoding="utf-8")
+    return speed

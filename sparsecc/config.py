@@ -76,7 +76,11 @@ def build(cls: type, values: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise SparseccError(f"{where}: unknown option {unknown[0]!r}; valid options: {', '.join(known) or 'none'}")
-    return cls(**{k: _coerce(known[k], v, where) for k, v in values.items()})
+    values = {k: _coerce(known[k], v, where) for k, v in values.items()}
+    try:
+        return cls(**values)
+    except SparseccError as exc:   # a value the config itself refuses: say where it came from too
+        raise SparseccError(f"{where}: {exc}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

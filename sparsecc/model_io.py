@@ -8,11 +8,14 @@ moved into place only once complete.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import IO
 from pathlib import Path
 
 import numpy as np
@@ -161,24 +164,104 @@ def check_output_dir(out: Path) -> None:
 
 
 @contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP (delivered on exit) while a temporary file or folder is
+    made and recorded, so an interrupt cannot fall between its creation and the cleanup that
+    owns it and leave it behind."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str, dir: Path | None = None) -> Iterator[Path]:
+    """A private temporary folder (in `dir`, else TMPDIR), removed on exit however it comes."""
+    tmp = None
+    try:
+        with signals_held():
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+        yield tmp
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out` in one rename,
     on any failure (SIGINT included) it is removed and `out` is left as it was."""
     out = Path(out)
     check_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    with scratch_dir(f".{out.name}.tmp-", out.parent) as tmp:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
+        yield tmp
+        with scratch_dir(f".{out.name}.old-", out.parent) as old:
+            if out.exists():
+                out.rename(old / "x")
+            try:
+                tmp.rename(out)
+            except BaseException:
+                if (old / "x").exists():  # put the previous output back
+                    (old / "x").rename(out)
+                raise
+
+
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
+    return umask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file through `write(f)` into a private temporary file beside `path`, then rename
+    it into place: readers (other processes too) see the old file or the whole new one, never
+    a part; an interrupted write leaves nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
     try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / "x")
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with signals_held():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the file is an ordinary one
+        os.replace(tmp, path)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, waiting: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `path`'s lock file (`.NAME.lock` beside it) across processes,
+    e.g. so that concurrent sweep cells compute a cache entry once; `waiting()` is called when
+    another holder makes this one wait. The lock file stays (removing it would race), but for
+    a first use that fails."""
+    path = Path(path)
+    created = not path.parent.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(f".{path.name}.lock")
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        except BaseException:
+            if created:   # a failed first use leaves no folder behind (at worst a waiter then works twice)
+                lock.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()
+            raise
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

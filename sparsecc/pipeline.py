@@ -111,6 +111,57 @@ def _search(name: str, sparsity: float, mode: str, refine: int, options: dict[st
     return cls(cfg.build(cls.Config, values, name))
 
 
+# The passes whose options are compile flags (--sparsity, --mode, ...; from their typed configs),
+# and the other flags that shape the pipeline, with their types (for sweep files).
+FLAG_PASSES = ("insert-thresholds", "calibrate-thresholds")
+PIPELINE_FLAGS = {"quant": str, "search": str, "search_options": dict, "weight_scores": bool,
+                  "compensate_rank": int, "finetune_steps": int, "distill_steps": int, "distill_options": dict}
+
+
+def option_names() -> list[str]:
+    """Every compile option `from_options` takes: the FLAG_PASSES' config fields, then PIPELINE_FLAGS."""
+    from sparsecc import passes
+
+    return [f.name for name in FLAG_PASSES for f in cfg.fields(passes.get(name).Config)] + list(PIPELINE_FLAGS)
+
+
+def from_options(options: dict[str, Any], thresholds: bool, where: str = "") -> list[Pass]:
+    """The pipeline that compile options describe (the compile flags, underscored: sparsity,
+    mode, search, search_options, quant, ...; None = not given); `thresholds`: whether to
+    threshold at all (compile does when given calibration data or a sparsity). `where`
+    prefixes errors (a sweep file's cell)."""
+    from sparsecc import passes
+
+    at = f"{where}: " if where else ""
+    unknown = sorted(set(options) - set(option_names()))
+    if unknown:
+        raise SparseccError(f"{at}unknown option {unknown[0]!r}; valid options: {', '.join(option_names())}")
+    for key, kind in PIPELINE_FLAGS.items():
+        value = options.get(key)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise SparseccError(f"{at}{key} must be {'a mapping' if kind is dict else kind.__name__} (got {value!r})")
+    configs = {}
+    for name in FLAG_PASSES:
+        cls = passes.get(name)
+        own = {f.name: options[f.name] for f in cfg.fields(cls.Config) if options.get(f.name) is not None}
+        configs |= cfg.to_dict(cfg.build(cls.Config, own, at + name))  # validates early, under the pass's name
+    if options.get("search") == "sequential-search" and options.get("sparsity") is not None:
+        raise SparseccError(f"{at}sequential-search has no sparsity target: its knob is loss_inc "
+                            "(search option loss_inc=1.0005); drop the sparsity")
+    try:
+        return default_pipeline(**configs, quant=options.get("quant"), thresholds=thresholds,
+                                search=options.get("search") or SEARCHES[0], search_options=options.get("search_options"),
+                                weight_scores=bool(options.get("weight_scores")),
+                                compensate_rank=options.get("compensate_rank") or 0,
+                                finetune_steps=options.get("finetune_steps") or 0,
+                                distill_steps=options.get("distill_steps") or 0,
+                                distill_options=options.get("distill_options"))
+    except SparseccError as exc:
+        if not where:
+            raise
+        raise SparseccError(f"{at}{exc}") from None
+
+
 def from_spec(spec: Any, where: str = "pipeline") -> tuple[list[Pass], dict[str, Any]]:
     """Passes and data settings from a parsed pipeline document."""
     from sparsecc import passes
@@ -133,7 +184,11 @@ def from_spec(spec: Any, where: str = "pipeline") -> tuple[list[Pass], dict[str,
         options = {k: v for k, v in item.items() if k not in ("pass", "id")}
         cls = passes.get(item["pass"])
         built.append(cls(cfg.build(cls.Config, options, f"{where}: {item['pass']}"), id=item.get("id")))
-    data = spec.get("data") or {}
+    return built, check_data(spec.get("data") or {}, where)
+
+
+def check_data(data: Any, where: str) -> dict[str, Any]:
+    """A `data:` mapping (pipeline and sweep files): DATA_KEYS only, paths and integers."""
     if not isinstance(data, dict) or set(data) - set(DATA_KEYS):
         raise SparseccError(f"{where}: `data:` takes only {', '.join(DATA_KEYS)}")
     for key, value in data.items():
@@ -142,20 +197,24 @@ def from_spec(spec: Any, where: str = "pipeline") -> tuple[list[Pass], dict[str,
         if value is not None and (not ok or isinstance(value, bool)):
             what = {str: "a path", int: "an integer", float: "a number"}[kind]
             raise SparseccError(f"{where}: data: {key} must be {what} (got {value!r})")
-    return built, data
+    return data
 
 
-def load(path: str | os.PathLike) -> tuple[list[Pass], dict[str, Any]]:
+def read_yaml(path: str | os.PathLike, what: str) -> Any:
+    """The parsed YAML file at `path` (`what` it is, for the error when it is missing)."""
     path = Path(path)
     if not path.is_file():
-        raise SparseccError(f"pipeline file not found: {path}; check the path")
+        raise SparseccError(f"{what} not found: {path}; check the path")
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         at = f" at line {line + 1}" if line is not None else ""
         raise SparseccError(f"{path} is not valid YAML{at}; fix the file") from None
-    return from_spec(spec, str(path))
+
+
+def load(path: str | os.PathLike) -> tuple[list[Pass], dict[str, Any]]:
+    return from_spec(read_yaml(path, "pipeline file"), str(path))
 
 
 def to_spec(pipeline: list[Pass], data: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -218,6 +218,33 @@ def eval_sweep_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_markdown(report: dict) -> str:
+    """A sweep: one row per cell (its options, what it measured, or its one-line error)."""
+    sweep, runs = report["sweep"], {run["cell"]: run["result"] for run in report["runs"]}
+    lines = [f"# sparsecc sweep: {sweep['cells']} cells, {sweep['ok']} complete, {sweep['failed']} failed", "",
+             f"Sweep file: {sweep['file']}. Each cell's own reports: `cells/NAME/report.md` (compile), "
+             "`cells/NAME/eval/report.md`, and for seneca `cells/NAME/simulation/report.md`.", "",
+             "| cell | model | options | calibrated sparsity | perplexity | reference | body sparsity | top-1 vs reference "
+             "| energy dense/sparse | latency dense/sparse |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in report["cells"]:
+        options = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "-"
+        if row["status"] != "ok":
+            lines.append(f"| {row['cell']} | {row['model']} | {options} | failed: {row['error']} |" + " |" * 5 + " |")
+            continue
+        r, sim = runs[row["cell"]], row.get("simulation")
+        cells = [_pct(row["calibrated_sparsity"]) if row["calibrated_sparsity"] is not None else "-"]
+        cells += [f"{r[k]:.3f}" if k in r else "-" for k in ("perplexity", "reference_perplexity")]
+        cells += [_pct(r["macs"]["body"]["sparsity"]),
+                  _pct(r["output_error"]["top1_agreement"]) if "output_error" in r else "-"]
+        cells += [f"{sim['energy_ratio']:.2f}x", f"{sim['latency_ratio']:.2f}x"] if sim else ["-", "-"]
+        lines.append(f"| {row['cell']} | {row['model']} | {options} | " + " | ".join(cells) + " |")
+    failed = [row for row in report["cells"] if row["status"] != "ok"]
+    if failed:
+        lines += ["", "Failed (rerun the sweep to try them again; complete cells are kept):", ""]
+        lines += [f"- `{row['cell']}`: {row['error']}" for row in failed]
+    return "\n".join(lines) + "\n"
+
+
 def eval_summary(result: dict) -> str:
     """A few lines for the terminal."""
     parts = []

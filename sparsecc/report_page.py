@@ -329,6 +329,9 @@ def run_label(run: dict) -> str:
 
 def _sweep_figures(report: dict) -> list[Figure]:
     runs = report["runs"]
+    if not runs:
+        return [_left_out(key, "no cell of the sweep completed (see the table above)")
+                for key in ("sparsity-by-layer", "macs", "curve")]
     labels = [run_label(r) for r in runs]
     out = []
     have_ppl = all("perplexity" in r["result"] for r in runs)
@@ -665,6 +668,9 @@ def _title(report: dict) -> str:
         return f"sparsecc compile: {Path(report['source']['model']).name} for {report['target']['backend']}"
     if k == "eval":
         return f"sparsecc eval: {run_label(report)}"
+    if k == "eval-sweep" and "sweep" in report:
+        sweep = report["sweep"]
+        return f"sparsecc sweep: {sweep['cells']} cells, {sweep['ok']} complete, {sweep['failed']} failed"
     if k == "eval-sweep":
         return f"sparsecc eval: {len(report['runs'])} models"
     return f"sparsecc simulate: {report['tokens']} tokens on {report['target']}"
@@ -691,7 +697,11 @@ def _facts(report: dict, k: str) -> str:
         body = "".join(f"<tr><td>{html.escape(run_label(r))}</td>"
                        + "".join(f"<td>{html.escape(v)}</td>" for _, v in _eval_facts(r)[1:]) + "</tr>"
                        for r in report["runs"])
-        head = "".join(f"<th>{html.escape(n)}</th>" for n, _ in _eval_facts(report["runs"][0])[1:])
+        names = [n for n, _ in _eval_facts(report["runs"][0])[1:]] if report["runs"] else []
+        head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+        failed = [c for c in report.get("cells", []) if c["status"] != "ok"]   # a sweep's cells that did not complete
+        body += "".join(f"<tr><td>{html.escape(c['cell'])}</td><td colspan=\"{max(1, len(names))}\">failed: "
+                        f"{html.escape(c['error'])}</td></tr>" for c in failed)
         return f"<table class=\"facts\"><tr><th>model</th>{head}</tr>{body}</table>\n"
     else:
         s, d, r = report["sparse"], report["dense"], report["ratio"]

@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import onnx_ir as ir
 
 from sparsecc.errors import SparseccError
-from sparsecc.model_io import save_model
+from sparsecc.model_io import save_model, scratch_dir
 from sparsecc.stepgraph import METADATA_KEY, StepSession, parse_spec
+
+
+_threads: int | None = None   # intra-op threads per session; None: ONNX Runtime's default (every core)
+
+
+def set_threads(count: int | None) -> None:
+    """Threads of every ONNX Runtime session made from now on in this process (a sweep cell
+    uses the CPUs Ray gave it, so cells side by side do not oversubscribe the cores)."""
+    global _threads
+    _threads = count
 
 
 def session_options():
@@ -31,6 +39,8 @@ def session_options():
     # other logits there (2.6x the error of a VNNI machine on the tiny Llama). Unfused, every
     # machine computes the graph's own semantics, which is what the chip's exact int32 MACs do.
     opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    if _threads is not None:
+        opts.intra_op_num_threads = _threads
     return opts
 
 
@@ -45,13 +55,12 @@ def saved_copy(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Iterator[l
     outputs = model.graph.outputs
     added = [values[name] for name in extra_outputs if not values[name].is_graph_output()]
     outputs.extend(added)
-    tmp = Path(tempfile.mkdtemp(prefix="sparsecc-ort-"))
     try:
-        yield save_model(model, tmp / "model.onnx")
+        with scratch_dir("sparsecc-ort-") as tmp:
+            yield save_model(model, tmp / "model.onnx")
     finally:
         for value in added:
             outputs.remove(value)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_session(path: Path, optimize: bool = True):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import onnx_ir as ir
 
 from sparsecc import compensation, ops
 from sparsecc.calibration import AbsHistogram, collect, statistic
+from sparsecc.model_io import atomic_write
 from sparsecc.pass_manager import Context
 from sparsecc.progress import log
 from sparsecc.runtime import load_session, saved_copy
@@ -219,10 +219,5 @@ class Checkpoint:
     def save(self, levels: dict, history: list) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps({"levels": {self.label(g): v for g, v in levels.items()}, "history": history}))
-            os.replace(tmp, tmp.with_name(self.path.name))
-        finally:   # interrupted: no partial checkpoint left
-            tmp.unlink(missing_ok=True)
+        text = json.dumps({"levels": {self.label(g): v for g, v in levels.items()}, "history": history})
+        atomic_write(self.path, lambda f: f.write(text.encode()))

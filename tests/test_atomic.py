@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 from conftest import listing
 from sparsecc.passes.calibrate_thresholds import CalibrateThresholds
@@ -122,3 +123,36 @@ def test_real_signal_during_calibration_leaves_nothing(sig, tmp_path):
     assert proc.wait(timeout=60) == 128 + getattr(signal, sig), err
     assert list(work.iterdir()) == []
     assert list(scratch.iterdir()) == []
+
+
+def test_concurrent_collections_of_one_cache_entry_measure_it_once(mlp_path, mlp_npz, tmp_path, monkeypatch):
+    """Two collections of the same statistics at once (as two sweep cells with the same model and
+    data): the first measures while holding the entry's lock (slowed here, so the second surely
+    arrives meanwhile), the second waits, then reads the file the first wrote. Without the lock
+    both would find no file and measure."""
+    import threading
+    import time
+
+    from sparsecc import calibration, compiler
+
+    measure = calibration._measure
+    monkeypatch.setattr(calibration, "_measure", lambda *a: (time.sleep(0.5), measure(*a))[1])
+    waited = []
+    monkeypatch.setattr(calibration, "log", lambda message, level=1: waited.append(message) if "waiting" in message else None)
+    model = model_io.load_model(mlp_path)
+    tensors = [node.outputs[0].name for node in model.graph][:2]
+    source = compiler.data_source(mlp_npz)
+    before = dict(calibration.STATS)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(calibration.collect(model_io.load_model(mlp_path), tensors,
+                                                                                   source, tmp_path / "cache")))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {k: calibration.STATS[k] - before[k] for k in before} == {"computed": 1, "reused": 1}
+    assert len(waited) == 1 and len(list((tmp_path / "cache").glob("hist-*.npz"))) == 1
+    assert all(np.array_equal(results[0][t].counts, results[1][t].counts) for t in tensors)
+    fresh = calibration.collect(model, tensors, source, None)      # no cache: measured again, the same
+    assert all(np.array_equal(fresh[t].counts, results[0][t].counts) for t in tensors)
