@@ -24,12 +24,12 @@ import time
 import onnx_ir as ir
 
 from sparsecc import ops
-from sparsecc.calibration import MAX_REFINE
+from sparsecc.calibration import REFINE
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
-from sparsecc.pass_manager import Context, Pass, require_calibration, require_thresholds
+from sparsecc.pass_manager import Context, PassResult
 from sparsecc.progress import bar, log
-from sparsecc.threshold_search import (Checkpoint, LossProbe, dense_statistics, group_labels, model_sparsity,
+from sparsecc.threshold_search import (Checkpoint, ThresholdSearch, LossProbe, dense_statistics, group_labels, model_sparsity,
                                       role_label, settle, thresholds_by_role)
 
 MAX_LEVEL = 0.95
@@ -37,36 +37,26 @@ MAX_LEVEL = 0.95
 
 @dataclasses.dataclass(frozen=True)
 class AllocateSparsityConfig:
-    sparsity: float = option(0.5, "model-wide MAC-weighted sparsity target in [0, 0.95)")
-    step: float = option(0.05, "sparsity a greedy move adds to one group")
-    bands: int = option(1, "split the layers into this many bands of depth; groups = site role x band")
+    sparsity: float = option(0.5, "model-wide MAC-weighted sparsity target", within=f"[0, {MAX_LEVEL})")
+    step: float = option(0.05, "sparsity a greedy move adds to one group", within="(0, 0.5]")
+    bands: int = option(1, "split the layers into this many bands of depth; groups = site role x band",
+                        within="[1, inf)")
     start: float = option(0.0, "every group's sparsity before the search (a floor that shortens it)")
-    windows: int = option(4, "calibration windows the loss is measured on")
-    refine: int = option(1, "re-calibrations with the thresholds in place")
+    windows: int = option(4, "calibration windows the loss is measured on", within="[1, inf)")
+    refine: int = option(1, "re-calibrations with the thresholds in place", within=REFINE)
 
     def __post_init__(self):
-        if not 0.0 <= self.sparsity < MAX_LEVEL:
-            raise SparseccError(f"sparsity must be in [0, {MAX_LEVEL}) (got {self.sparsity})")
-        if not 0.0 < self.step <= 0.5:
-            raise SparseccError(f"step must be in (0, 0.5] (got {self.step})")
-        if self.bands < 1 or self.windows < 1 or not 0 <= self.refine <= MAX_REFINE:
-            raise SparseccError(f"bands and windows must be at least 1, refine between 0 and {MAX_REFINE} "
-                                f"(got {self.bands}, {self.windows}, {self.refine})")
         if not 0.0 <= self.start <= self.sparsity:
             raise SparseccError(f"start must be in [0, sparsity] (got {self.start})")
 
 
-class AllocateSparsity(Pass):
+class AllocateSparsity(ThresholdSearch):
     """Allocate sparsity across site roles (and depth bands) by measured loss to meet a model-wide target."""
 
     name = "allocate-sparsity"
     Config = AllocateSparsityConfig
 
-    def check(self, model, ctx):
-        require_calibration(ctx, self.name)
-        require_thresholds(model, self.name)
-
-    def run(self, model: ir.Model, ctx: Context) -> dict:
+    def run(self, model: ir.Model, ctx: Context) -> PassResult:
         c = self.config
         started = time.perf_counter()
         thresholds, natural = thresholds_by_role(model, c.bands)
@@ -125,8 +115,8 @@ class AllocateSparsity(Pass):
             search.close()
         settle(model, thresholds, hists, levels, ctx, c.refine, "allocate")
         labels, own = group_labels(model, thresholds), group_labels(model, thresholds, key=lambda th: th.node.name)
-        return {
-            "changed": True, "target": c.sparsity, "calibrated_model_sparsity": round(model_wide(levels), 6),
+        return PassResult({
+            "target": c.sparsity, "calibrated_model_sparsity": round(model_wide(levels), 6),
             "groups": [{"group": _label(g), "label": labels[g], "sparsity": round(levels[g], 6),
                         "macs_per_token": sum(th.macs for th in thresholds if th.group == g)} for g in groups],
             "loss": {"dense": base, "allocated": loss, "kind": search.kind},
@@ -134,7 +124,7 @@ class AllocateSparsity(Pass):
                        "seconds": round(time.perf_counter() - started, 3)},
             "thresholds": [{"threshold": th.node.name, "label": own[th.node.name], "group": _label(th.group),
                             "t": ops.threshold_level(th.node)} for th in thresholds],
-        }
+        })
 
     def _cost(self, search, levels, group, loss, model_wide):
         """(loss added per MAC-weighted sparsity gained, the levels, their loss) of one move."""

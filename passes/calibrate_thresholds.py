@@ -7,29 +7,25 @@ from typing import Literal
 import onnx_ir as ir
 
 from sparsecc import compensation, ops
-from sparsecc.calibration import MAX_REFINE, AbsHistogram, collect, statistic
+from sparsecc.calibration import REFINE, AbsHistogram, collect, statistic
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
-from sparsecc.pass_manager import Context, Pass, require_calibration, require_thresholds
+from sparsecc.pass_manager import Context, PassResult
 from sparsecc.site_names import site_labels, threshold_labels
 from sparsecc.sites import Site, analyze
+from sparsecc.threshold_search import ThresholdSearch
 
 
 @dataclasses.dataclass(frozen=True)
 class CalibrateThresholdsConfig:
-    sparsity: float = option(0.5, "target activation sparsity in [0, 1)")
+    sparsity: float = option(0.5, "target activation sparsity", within="[0, 1)")
     mode: Literal["mac-weighted", "uniform"] = option(
         "mac-weighted", "mac-weighted: one level for all thresholds such that the model-wide "
         "1 - effective/dense MACs meets the target, counting naturally sparse sites; "
         "uniform: every threshold at the target")
     refine: int = option(1, "re-calibrations with the thresholds in place, so each tensor is measured "
-                            "as it will be seen behind the upstream thresholds (0: dense statistics only)")
-
-    def __post_init__(self):
-        if not 0.0 <= self.sparsity < 1.0:
-            raise SparseccError(f"sparsity must be in [0, 1) (got {self.sparsity}); e.g. --sparsity 0.5")
-        if not 0 <= self.refine <= MAX_REFINE:
-            raise SparseccError(f"refine must be between 0 and {MAX_REFINE} (got {self.refine}); e.g. --refine 1")
+                            "as it will be seen behind the upstream thresholds (0: dense statistics only)",
+                     within=REFINE)
 
 
 @dataclasses.dataclass
@@ -48,17 +44,13 @@ class _Threshold:
         return sum(s.macs_per_token for s in self.sites)
 
 
-class CalibrateThresholds(Pass):
+class CalibrateThresholds(ThresholdSearch):
     """Set thresholds from streamed |x| histograms for a uniform or MAC-weighted sparsity target."""
 
     name = "calibrate-thresholds"
     Config = CalibrateThresholdsConfig
 
-    def check(self, model, ctx):
-        require_calibration(ctx, self.name)
-        require_thresholds(model, self.name)
-
-    def run(self, model: ir.Model, ctx: Context) -> dict:
+    def run(self, model: ir.Model, ctx: Context) -> PassResult:
         sites = analyze(model.graph).sites
         costs = compensation.by_threshold(sites)
         thresholds = [_Threshold(n, [s for s in sites if s.threshold == n.name], costs.get(n.name, compensation.NONE))
@@ -99,7 +91,7 @@ class CalibrateThresholds(Pass):
             lo, hi = (mid, hi) if model_wide(mid) < target else (lo, mid)
         return hi
 
-    def _report(self, model, thresholds, natural, hists, level) -> dict:
+    def _report(self, model, thresholds, natural, hists, level) -> PassResult:
         analysis = analyze(model.graph)
         labels, site_label = threshold_labels(model.graph, analysis), site_labels(model.graph, analysis)
         rows, eff, dense = [], 0.0, 0
@@ -114,10 +106,10 @@ class CalibrateThresholds(Pass):
         for s in natural:
             eff += s.macs_per_token * (1 - hists[s.consumes].zeros)
             dense += s.macs_per_token
-        return {
-            "changed": True, "target": self.config.sparsity, "mode": self.config.mode, "level": round(level, 6),
+        return PassResult({
+            "target": self.config.sparsity, "mode": self.config.mode, "level": round(level, 6),
             "calibrated_model_sparsity": round(1 - eff / dense, 6) if dense else 0.0,
             "natural": [{"site": s.node, "label": site_label[s.index], "sparsity": round(hists[s.consumes].zeros, 6)}
                         for s in natural],
             "thresholds": rows,
-        }
+        })

@@ -24,9 +24,8 @@ from threadpoolctl import threadpool_limits
 
 from sparsecc import ops
 from sparsecc.config import option
-from sparsecc.errors import SparseccError
 from sparsecc.model_io import add_initializer
-from sparsecc.pass_manager import Context, Pass, require
+from sparsecc.pass_manager import Context, Pass, PassResult, require
 from sparsecc.sites import Site, activation_dtype, analyze, weight_array
 
 _FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
@@ -34,24 +33,22 @@ _FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.Data
 
 @dataclasses.dataclass(frozen=True)
 class CompensateLowrankConfig:
-    rank: int = option(16, "rank r of each site's factor W ~= B @ A (truncated SVD); clamped to min(in, out)")
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise SparseccError(f"rank must be at least 1 (got {self.rank}); e.g. rank: 16")
+    rank: int = option(16, "rank r of each site's factor W ~= B @ A (truncated SVD); clamped to min(in, out)",
+                       within="[1, inf)")
 
 
 class CompensateLowrank(Pass):
     """Send what each threshold drops through a rank-r SVD factor of the site's weight (R-Sparse)."""
 
     name = "compensate-lowrank"
+    needs = frozenset({"thresholds"})
     Config = CompensateLowrankConfig
 
     def check(self, model, ctx):
         require(any(ops.is_threshold(n) for n in model.graph),
                 "compensate-lowrank found no Threshold ops: run insert-thresholds before it")
 
-    def run(self, model: ir.Model, ctx: Context) -> dict:
+    def run(self, model: ir.Model, ctx: Context) -> PassResult:
         graph = model.graph
         analysis = analyze(graph)
         pairs = list(zip(analysis.sites, analysis.nodes))
@@ -75,7 +72,7 @@ class CompensateLowrank(Pass):
             for site, node in chosen:
                 rows.append(self._compensate(graph, site, node, dropped, taken))
         report = {
-            "changed": bool(rows), "rank": self.config.rank, "thresholds": thresholds, "sites": len(rows),
+            "rank": self.config.rank, "thresholds": thresholds, "sites": len(rows),
             "extra_macs_per_token": {"per_dropped_value": sum(r["macs_per_token"][0] for r in rows),
                                      "dense": sum(r["macs_per_token"][1] for r in rows)},
             "parameters_added": sum(r["parameters"] for r in rows),
@@ -84,7 +81,7 @@ class CompensateLowrank(Pass):
         if calibrated:
             report["warning"] = (f"{len(calibrated)} thresholds already have t > 0: calibrate or search them again after "
                                  "this pass so the MAC budget counts the compensation")
-        return report
+        return PassResult(report, changed=bool(rows))
 
     def _compensate(self, graph: ir.Graph, site: Site, node: ir.Node, dropped: ir.Value, taken: set) -> dict:
         w = weight_array(node.inputs[1]).astype(np.float64)

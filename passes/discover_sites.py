@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from sparsecc.pass_manager import Context, Pass
+from sparsecc.pass_manager import Context, Pass, PassResult
 from sparsecc.sites import analyze
 
 
@@ -12,12 +12,11 @@ class DiscoverSites(Pass):
 
     name = "discover-sites"
 
-    def run(self, model: ir.Model, ctx: Context) -> dict:
+    def run(self, model: ir.Model, ctx: Context) -> PassResult:
         analysis = analyze(model.graph)
         sites = analysis.sites
         body = [s for s in sites if not s.head]
-        return {
-            "changed": False,
+        return PassResult({
             "sites": len(sites),
             "groups": len(analysis.groups()),
             "heads": [s.node for s in sites if s.head],
@@ -26,4 +25,4 @@ class DiscoverSites(Pass):
             "declined": analysis.declined,
             "macs_per_token": {"all": sum(s.macs_per_token for s in sites),
                                "body": sum(s.macs_per_token for s in body)},
-        }
+        }, changed=False)

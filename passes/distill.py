@@ -41,84 +41,68 @@ from sparsecc import devices, ops
 from sparsecc.calibration import collect
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
-from sparsecc.pass_manager import Context, Pass, require, require_calibration
+from sparsecc.pass_manager import Context, PassResult, require
 from sparsecc.progress import bar, log
 from sparsecc.sites import analyze, const_root
-from sparsecc.stepgraph import is_step_graph
-from sparsecc.threshold_search import common_factor, scaled_levels, thresholds_by_role, threshold_sparsity, visit_order
+from sparsecc.threshold_search import ThresholdSearch, common_factor, scaled_levels, thresholds_by_role, threshold_sparsity, visit_order
 
 MAX_HISTORY = 200   # loss-curve points kept in the report
 
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-    steps: int = option(200, "optimizer steps")
-    batch: int = option(8, "windows per step")
-    lr: float = option(1e-4, "peak learning rate (AdamW)")
-    warmup: float = option(0.05, "fraction of the steps the learning rate ramps up over, from 0")
-    lr_floor: float = option(0.1, "the learning rate decays (cosine) to this fraction of the peak")
-    weight_decay: float = option(0.0, "AdamW's decoupled weight decay")
+    steps: int = option(200, "optimizer steps", within="[1, inf)")
+    batch: int = option(8, "windows per step", within="[1, inf)")
+    lr: float = option(1e-4, "peak learning rate (AdamW)", within="(0, inf)")
+    warmup: float = option(0.05, "fraction of the steps the learning rate ramps up over, from 0", within="[0, 1)")
+    lr_floor: float = option(0.1, "the learning rate decays (cosine) to this fraction of the peak", within="[0, 1]")
+    weight_decay: float = option(0.0, "AdamW's decoupled weight decay", within="[0, inf)")
     train: Literal["all", "linear", "norms"] = option(
         "all", "tensors trained: all float initializers (but scalars), the linear sites' weights, or the "
                "1-D ones (norm scales, biases)")
-    temperature: float = option(1.0, "softening of both distributions in the KL term")
-    ce_weight: float = option(0.0, "weight of next-token cross-entropy on the data, added to the KL")
+    temperature: float = option(1.0, "softening of both distributions in the KL term", within="(0, inf)")
+    ce_weight: float = option(0.0, "weight of next-token cross-entropy on the data, added to the KL", within="[0, inf)")
     gradient: Literal["masked", "straight"] = option(
         "masked", "gradient through a Threshold: to the kept values only, or straight through (identity)")
-    recalibrate_every: int = option(20, "steps between re-settings of the thresholds' levels (0: never)")
-    recalibrate_windows: int = option(4, "training windows each re-setting measures on")
-    samples: int = option(0, "windows sampled from the teacher itself, added to the training data")
-    sample_temperature: float = option(1.0, "temperature of those samples (0: greedy)")
-    sample_batch: int = option(64, "windows sampled at a time (each token of each costs a forward pass of its prefix)")
-    text_windows: int = option(0, "windows of the calibration data trained on (0: all there are)")
+    recalibrate_every: int = option(20, "steps between re-settings of the thresholds' levels (0: never)",
+                                    within="[0, inf)")
+    recalibrate_windows: int = option(4, "training windows each re-setting measures on", within="[1, inf)")
+    samples: int = option(0, "windows sampled from the teacher itself, added to the training data", within="[0, inf)")
+    sample_temperature: float = option(1.0, "temperature of those samples (0: greedy)", within="[0, inf)")
+    sample_batch: int = option(64, "windows sampled at a time (each token of each costs a forward pass of its prefix)",
+                               within="[1, inf)")
+    text_windows: int = option(0, "windows of the calibration data trained on (0: all there are)", within="[0, inf)")
     held_out: int = option(4, "calibration windows kept out of training, to report the teacher's and the "
-                              "student's perplexity on")
-    seed: int = option(0, "order of the training windows; the samples' draws")
+                              "student's perplexity on", within="[0, inf)")
+    seed: int = option(0, "order of the training windows; the samples' draws", within="[0, inf)")
     bf16: bool = option(False, "bfloat16 autocast (on a GPU: faster, less memory)")
-    threads: int = option(1, "PyTorch CPU threads (the model is byte-identical only for the same count)")
-    checkpoint_every: int = option(50, "steps between checkpoints in the calibration cache")
-
-    def __post_init__(self):
-        positive = {"steps": self.steps, "batch": self.batch, "threads": self.threads,
-                    "recalibrate_windows": self.recalibrate_windows, "checkpoint_every": self.checkpoint_every,
-                    "sample_batch": self.sample_batch}
-        low = next((k for k, v in positive.items() if v < 1), None)
-        if low:
-            raise SparseccError(f"{low} must be at least 1 (got {positive[low]})")
-        counts = {"recalibrate_every": self.recalibrate_every, "samples": self.samples,
-                  "text_windows": self.text_windows, "held_out": self.held_out, "seed": self.seed}
-        negative = next((k for k, v in counts.items() if v < 0), None)
-        if negative:
-            raise SparseccError(f"{negative} must be 0 or more (got {counts[negative]})")
-        if not self.lr > 0 or not self.temperature > 0:
-            raise SparseccError(f"lr and temperature must be positive (got lr {self.lr}, temperature {self.temperature})")
-        if not 0 <= self.warmup < 1 or not 0 <= self.lr_floor <= 1:
-            raise SparseccError(f"warmup must be in [0, 1) and lr_floor in [0, 1] (got {self.warmup}, {self.lr_floor})")
-        if self.weight_decay < 0 or self.ce_weight < 0 or self.sample_temperature < 0:
-            raise SparseccError("weight_decay, ce_weight and sample_temperature must be 0 or more")
+    threads: int = option(1, "PyTorch CPU threads (the model is byte-identical only for the same count)",
+                          within="[1, inf)")
+    checkpoint_every: int = option(50, "steps between checkpoints in the calibration cache", within="[1, inf)")
 
 
-class Distill(Pass):
+class Distill(ThresholdSearch):
     """Train the weights with the thresholds in place, by distillation from the model with its thresholds open."""
 
     name = "distill"
     Config = DistillConfig
 
-    def check(self, model, ctx):
+    needs = frozenset({"thresholds", "levels"})
+    before = frozenset({"int8-events"})
+    window_graphs_only = "its PyTorch evaluator runs window graphs; distill the window graph of the model instead"
+
+    def check_ahead(self, model, ctx):
         devices.import_torch("distill")
-        require_calibration(ctx, self.name)
-        require(not is_step_graph(model), "distill does not run on step graphs (its PyTorch evaluator runs window "
-                                          "graphs); distill the window graph of the model instead")
+        super().check_ahead(model, ctx)
+
+    def check(self, model, ctx):
         nodes = [n for n in model.graph if ops.is_threshold(n)]
         require(bool(nodes), "distill found no Threshold ops: run insert-thresholds and a pass that sets them "
                              "(calibrate-thresholds, allocate-sparsity, ...) before it")
         require(any(ops.threshold_level(n) > 0 for n in nodes), "distill found every threshold at t = 0: run "
                 "calibrate-thresholds (or another threshold search) before it")
-        require(not any(n.op_type == "QuantizeLinear" for n in model.graph),
-                "distill runs before quantize-activations (int8 events are set on the trained model); "
-                "move it earlier in the pipeline")
 
-    def run(self, model: ir.Model, ctx: Context) -> dict:
+    def run(self, model: ir.Model, ctx: Context) -> PassResult:
         torch = devices.import_torch("distill")
         device = devices.resolve(getattr(ctx, "device", "auto"), "distill")
         threads = torch.get_num_threads()
@@ -353,8 +337,8 @@ class _Run:
                  "sparsity_before": round(sparsity[th.node.name], 6),
                  "sparsity_after": round(hists_now[th.source].sparsity_at(final[th.node.name]), 6)}
                 for th in thresholds]
-        return {
-            "changed": True, "target": round(target, 6),
+        return PassResult({
+            "target": round(target, 6),
             "calibrated_model_sparsity": round(threshold_sparsity(thresholds, natural, hists_now, final), 6),
             "common_factor": factor,
             "held_out": {"before": before, "after": after},
@@ -367,7 +351,7 @@ class _Run:
                          "tokens_per_second": round(tokens / run["training_seconds"], 1) if done else None},
             "history": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in history[i].items()} for i in keep],
             "thresholds": rows,
-        }
+        })
 
 
 def _open(node, x, t):

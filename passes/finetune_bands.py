@@ -35,13 +35,12 @@ import numpy as np
 import onnx_ir as ir
 
 from sparsecc import ops
-from sparsecc.calibration import MAX_REFINE, collect
+from sparsecc.calibration import REFINE, collect
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
-from sparsecc.pass_manager import Context, Pass, require, require_calibration
+from sparsecc.pass_manager import Context, PassResult, require
 from sparsecc.progress import bar, log
-from sparsecc.stepgraph import is_step_graph
-from sparsecc.threshold_search import (Checkpoint, common_factor, group_labels, role_label, scaled_levels,
+from sparsecc.threshold_search import (Checkpoint, ThresholdSearch, common_factor, group_labels, role_label, scaled_levels,
                                        thresholds_by_role, threshold_sparsity, visit_order)
 
 INSTALL = "pip install -e '.[export]' (torch==2.13.0, the CPU build)"
@@ -49,30 +48,23 @@ INSTALL = "pip install -e '.[export]' (torch==2.13.0, the CPU build)"
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneBandsConfig:
-    steps: int = option(40, "optimizer steps")
-    lr: float = option(0.05, "Adam step size on log t (about the largest relative change of t per step)")
-    windows: int = option(8, "calibration windows trained on (the first ones of the calibration data)")
-    batch: int = option(1, "windows per step (their gradients add up)")
+    steps: int = option(40, "optimizer steps", within="[1, inf)")
+    lr: float = option(0.05, "Adam step size on log t (about the largest relative change of t per step)",
+                       within="(0, inf)")
+    windows: int = option(8, "calibration windows trained on (the first ones of the calibration data)",
+                          within="[1, inf)")
+    batch: int = option(1, "windows per step (their gradients add up)", within="[1, inf)")
     temperature: float = option(0.2, "width of the surrogate mask sigmoid((|x| - t) / tau): "
-                                     "tau = temperature x the median |x| of the threshold's input")
-    seed: int = option(0, "order in which the windows are visited")
+                                     "tau = temperature x the median |x| of the threshold's input", within="(0, inf)")
+    seed: int = option(0, "order in which the windows are visited", within="[0, inf)")
     refine: int = option(1, "re-measurements with the learned thresholds in place before the final "
-                            "common-factor correction (0: correct on the entry statistics)")
+                            "common-factor correction (0: correct on the entry statistics)", within=REFINE)
     threads: int = option(1, "PyTorch threads (the model is byte-identical only for the same count; "
-                             "more than 1 is slower on cores shared with other work)")
+                             "more than 1 is slower on cores shared with other work)", within="[1, inf)")
 
     def __post_init__(self):
-        if min(self.steps, self.windows, self.batch, self.threads) < 1:
-            raise SparseccError(f"steps, windows, batch and threads must be at least 1 (got {self.steps}, "
-                                f"{self.windows}, {self.batch}, {self.threads})")
         if self.batch > self.windows:
             raise SparseccError(f"batch ({self.batch}) must not exceed windows ({self.windows})")
-        if not self.lr > 0 or not self.temperature > 0:
-            raise SparseccError(f"lr and temperature must be positive (got lr {self.lr}, "
-                                f"temperature {self.temperature})")
-        if self.seed < 0 or not 0 <= self.refine <= MAX_REFINE:
-            raise SparseccError(f"seed and refine must be 0 or more, refine at most {MAX_REFINE} "
-                                f"(got {self.seed}, {self.refine})")
 
 
 def import_torch():
@@ -83,24 +75,28 @@ def import_torch():
     return torch
 
 
-class FinetuneBands(Pass):
+class FinetuneBands(ThresholdSearch):
     """Learn each threshold's band by gradient descent (straight-through estimator) at the same model-wide sparsity."""
 
     name = "finetune-bands"
     Config = FinetuneBandsConfig
 
-    def check(self, model, ctx):
+    needs = frozenset({"thresholds", "levels"})
+    window_graphs_only = ("its PyTorch evaluator runs window graphs; use sequential-search or allocate-sparsity "
+                          "on this model")
+
+    def check_ahead(self, model, ctx):
         import_torch()
-        require_calibration(ctx, self.name)
-        require(not is_step_graph(model), "finetune-bands does not run on step graphs (its PyTorch evaluator runs window graphs); use "
-                "sequential-search or allocate-sparsity on this model")
+        super().check_ahead(model, ctx)
+
+    def check(self, model, ctx):
         nodes = [n for n in model.graph if ops.is_threshold(n)]
         require(bool(nodes), "finetune-bands found no Threshold ops: run insert-thresholds and calibrate-thresholds "
                              "before it")
         require(any(ops.threshold_level(n) > 0 for n in nodes), "finetune-bands found every threshold at t = 0: "
                 "run calibrate-thresholds (or allocate-sparsity) before it")
 
-    def run(self, model: ir.Model, ctx: Context) -> dict:
+    def run(self, model: ir.Model, ctx: Context) -> PassResult:
         torch = import_torch()
         threads = torch.get_num_threads()
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -206,8 +202,8 @@ class FinetuneBands(Pass):
                  "sparsity_before": round(hists[th.source].sparsity_at(entry[th.node.name]), 6),
                  "sparsity_after": round(hists_now[th.source].sparsity_at(final[th.node.name]), 6)}
                 for th in thresholds]
-        return {
-            "changed": True, "target": round(target, 6),
+        return PassResult({
+            "target": round(target, 6),
             "calibrated_model_sparsity": round(threshold_sparsity(thresholds, natural, hists_now, final), 6),
             "common_factor": factor,
             "loss": {"kind": kind, "before": before, "after": after, "windows": len(feeds)},
@@ -220,7 +216,7 @@ class FinetuneBands(Pass):
                          "seconds_per_step": round(training / done, 3) if done else None},
             "history": [{"step": h["step"], "loss": round(h["loss"], 6)} for h in history],
             "thresholds": rows,
-        }
+        })
 
 
 def _first_feeds(source, inputs: list[str], count: int) -> list[dict]:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sparsecc.model_io import add_initializer, remove_unused
-from sparsecc.pass_manager import Context, Pass
+from sparsecc.pass_manager import Context, Pass, PassResult
 from sparsecc.sites import analyze, const_root, int8_operands, integer_type, quantizer_of, weight_array
 
 
@@ -26,7 +26,7 @@ class FoldQdq(Pass):
 
     name = "fold-qdq"
 
-    def run(self, model: ir.Model, ctx: Context) -> dict:
+    def run(self, model: ir.Model, ctx: Context) -> PassResult:
         graph = model.graph
         folded = sum(_fold_weight(graph, node) for node in list(graph)
                      if node.op_type in ("MatMul", "Gemm") and node.domain == "")
@@ -38,8 +38,8 @@ class FoldQdq(Pass):
                 integer.append(site.node)
             elif _is_quantized(node):
                 declined.append({"site": site.node, "reason": _why_not_integer(node)})
-        return {"changed": folded > 0, "weights_folded": folded, "integer_sites": len(integer),
-                "float_sites": len(analysis.sites) - len(integer), "declined": declined}
+        return PassResult({"weights_folded": folded, "integer_sites": len(integer),
+                "float_sites": len(analysis.sites) - len(integer), "declined": declined}, changed=folded > 0)
 
 
 def _fold_weight(graph: ir.Graph, node: ir.Node) -> int:

@@ -29,15 +29,14 @@ import time
 import onnx_ir as ir
 
 from sparsecc import ops
-from sparsecc.calibration import MAX_REFINE
+from sparsecc.calibration import REFINE
 from sparsecc.blocks import BlockProbe, dense_boundaries, find_blocks
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
-from sparsecc.pass_manager import Context, Pass, require, require_calibration, require_thresholds
+from sparsecc.pass_manager import Context, PassResult
 from sparsecc.progress import bar, log
-from sparsecc.stepgraph import is_step_graph
 from sparsecc.site_names import layers_label, threshold_names
-from sparsecc.threshold_search import (Checkpoint, dense_statistics, group_labels, model_sparsity, role_label, settle,
+from sparsecc.threshold_search import (Checkpoint, ThresholdSearch, dense_statistics, group_labels, model_sparsity, role_label, settle,
                                       thresholds_by_role)
 
 MAX_LEVEL = 0.95   # the highest level a group may reach (as in allocate-sparsity)
@@ -45,35 +44,21 @@ MAX_LEVEL = 0.95   # the highest level a group may reach (as in allocate-sparsit
 
 @dataclasses.dataclass(frozen=True)
 class GreedyBlocksConfig:
-    sparsity: float = option(0.5, "every block's MAC-weighted sparsity target in [0, 0.95)")
+    sparsity: float = option(0.5, "every block's MAC-weighted sparsity target", within=f"[0, {MAX_LEVEL})")
     step: float = option(0.025, "block sparsity one greedy move adds: a group's level rises by "
-                                "step x block MACs / the group's MACs")
-    windows: int = option(4, "calibration windows the block-output error is measured on")
-    refine: int = option(1, "re-calibrations with the thresholds in place")
-
-    def __post_init__(self):
-        if not 0.0 <= self.sparsity < MAX_LEVEL:
-            raise SparseccError(f"sparsity must be in [0, {MAX_LEVEL}) (got {self.sparsity})")
-        if not 0.0 < self.step <= 0.5:
-            raise SparseccError(f"step must be in (0, 0.5] (got {self.step}); TEAL uses 0.025")
-        if self.windows < 1 or not 0 <= self.refine <= MAX_REFINE:
-            raise SparseccError(f"windows must be at least 1 and refine at least 0 and at most {MAX_REFINE} "
-                                f"(got windows {self.windows}, refine {self.refine})")
+                                "step x block MACs / the group's MACs (TEAL: 0.025)", within="(0, 0.5]")
+    windows: int = option(4, "calibration windows the block-output error is measured on", within="[1, inf)")
+    refine: int = option(1, "re-calibrations with the thresholds in place", within=REFINE)
 
 
-class GreedyBlocks(Pass):
+class GreedyBlocks(ThresholdSearch):
     """TEAL's greedy allocation: per block, raise the group whose move adds the least block-output error."""
 
     name = "greedy-blocks"
     Config = GreedyBlocksConfig
+    window_graphs_only = "it cuts blocks out of a window graph; use sequential-search or allocate-sparsity on this model"
 
-    def check(self, model, ctx):
-        require_calibration(ctx, self.name)
-        require(not is_step_graph(model), "greedy-blocks does not run on step graphs (it cuts blocks out of a window graph); use "
-                "sequential-search or allocate-sparsity on this model")
-        require_thresholds(model, self.name)
-
-    def run(self, model: ir.Model, ctx: Context) -> dict:
+    def run(self, model: ir.Model, ctx: Context) -> PassResult:
         c = self.config
         started = time.perf_counter()
         grouped, natural = thresholds_by_role(model)
@@ -160,8 +145,8 @@ class GreedyBlocks(Pass):
         by_role = collections.defaultdict(list)
         for th in thresholds:
             by_role[role_label(th.role)].append(levels[th.group])
-        return {
-            "changed": True, "target": self.config.sparsity,
+        return PassResult({
+            "target": self.config.sparsity,
             "calibrated_model_sparsity": round(model_sparsity(thresholds, natural, hists, levels), 6),
             "blocks": rows,
             "error_vs_uniform": {"mean_ratio": round(sum(ratios) / len(ratios), 6) if ratios else None,
@@ -176,7 +161,7 @@ class GreedyBlocks(Pass):
             "thresholds": [{"threshold": th.node.name, "label": labels[th.group], "block": th.group[1],
                             "group": _label(th.group), "level": round(levels[th.group], 6),
                             "t": ops.threshold_level(th.node)} for th in thresholds],
-        }
+        })
 
 
 def _uniform_level(block, hists: dict, target: float) -> float:

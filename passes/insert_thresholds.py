@@ -10,7 +10,7 @@ import onnx_ir as ir
 from sparsecc import ops
 from sparsecc.config import option
 from sparsecc.model_io import earliest
-from sparsecc.pass_manager import Context, Pass
+from sparsecc.pass_manager import Context, Pass, PassResult
 from sparsecc.sites import Site, activation_dtype, analyze, quantizer_of
 
 
@@ -25,9 +25,10 @@ class InsertThresholds(Pass):
     """Insert a sparsecc Threshold op before each linear site (one per activation tensor)."""
 
     name = "insert-thresholds"
+    provides = frozenset({"thresholds"})
     Config = InsertThresholdsConfig
 
-    def run(self, model: ir.Model, ctx: Context) -> dict:
+    def run(self, model: ir.Model, ctx: Context) -> PassResult:
         graph = model.graph
         analysis = analyze(graph)
         sites = analysis.sites
@@ -63,5 +64,5 @@ class InsertThresholds(Pass):
             "head": [s.node for s in sites if s.head and not self.config.include_head],
             "already_thresholded": [s.node for s in sites if s.threshold is not None],
         }
-        return {"changed": bool(chosen), "thresholds": len(buckets), "sites": len(chosen), "skipped": skipped}
+        return PassResult({"thresholds": len(buckets), "sites": len(chosen), "skipped": skipped}, changed=bool(chosen))
 

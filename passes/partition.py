@@ -45,7 +45,7 @@ import onnx_ir as ir
 
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
-from sparsecc.pass_manager import Context, Pass, require
+from sparsecc.pass_manager import Context, Pass, PassResult, require
 from sparsecc.placement import CATEGORIES, METADATA_KEY, STEP_STATE, Mesh, Placement, ResidentState, Tile
 from sparsecc.sites import analyze, const_root, int8_weight
 from sparsecc.stepgraph import is_step_graph, read_spec, state_input, state_output
@@ -69,17 +69,14 @@ class PartitionConfig:
     weight_bits: int = option(16, "bits per stored weight of float sites: 16, or 8 to size them as packed INT8 "
                                   "(sites with int8 weights always take 8)")
     max_context: int = option(256, "positions of attention state (K/V) kept resident per attention product "
-                                   "(a step graph's growing KV cache: positions of room reserved on its core)")
+                                   "(a step graph's growing KV cache: positions of room reserved on its core)",
+                             within="[1, inf)")
     headroom: float = option(0.9, "fraction of each core's data memory the model may use; the rest is for "
-                                  "event queues and the stack")
+                                  "event queues and the stack", within="(0, 1]")
 
     def __post_init__(self):
         if self.weight_bits not in (8, 16):
             raise SparseccError(f"weight_bits must be 16 or 8 (got {self.weight_bits})")
-        if self.max_context < 1:
-            raise SparseccError(f"max_context must be at least 1 (got {self.max_context})")
-        if not 0.0 < self.headroom <= 1.0:
-            raise SparseccError(f"headroom must be in (0, 1] (got {self.headroom})")
 
 
 class Partition(Pass):
@@ -94,7 +91,7 @@ class Partition(Pass):
                 "partition needs every node to have a unique name (the placement refers to nodes by name); "
                 "name them first, e.g. with onnx_ir.passes.common.NameFixPass")
 
-    def run(self, model: ir.Model, ctx: Context) -> dict:
+    def run(self, model: ir.Model, ctx: Context) -> PassResult:
         c = self.config
         target = load_target(c.target)
         mesh = Mesh(target["mesh"]["rows"], target["mesh"]["cols"])
@@ -143,7 +140,7 @@ class Partition(Pass):
         for node in graph:
             node.metadata_props["sparsecc.cores"] = ",".join(map(str, on[node.name]))
         model.metadata_props[METADATA_KEY] = placement.to_json()
-        return _report(placement, target, capacity, found, traffic, snake, cores, swaps, evaluations)
+        return PassResult(_report(placement, target, capacity, found, traffic, snake, cores, swaps, evaluations))
 
 
 # What is tiled ------------------------------------------------------------------------------------
@@ -564,7 +561,6 @@ def _report(placement: Placement, target: Target, capacity: int, found: _Tiled, 
     memory = {c: sum(m.get(c, 0) for m in placement.memory.values()) for c in categories}
     unit = placement.weight_bits // 8
     return ({"step_state": _state_report(placement)} if placement.states else {}) | {
-        "changed": True,
         "target": placement.target,
         "cores_used": len(placement.cores_used),
         "cores_available": mesh.cores,

@@ -25,7 +25,7 @@ from sparsecc.calibration import EDGES, AbsHistogram, collect
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
 from sparsecc.model_io import add_initializer, earliest
-from sparsecc.pass_manager import Context, Pass, require_calibration
+from sparsecc.pass_manager import Context, Pass, PassResult
 from sparsecc.sites import analyze
 
 QMAX = 127
@@ -37,11 +37,10 @@ class QuantizeActivationsConfig:
     clip: Literal["mse", "max"] = option("mse", "mse: the clip value with the least squared error; max: the largest |x| seen")
     include_head: bool = option(True, "quantize the head's input too")
     max_error: float = option(0.001, "a tensor whose int8 error would exceed this share of its power "
-                                     "(error / sum x^2, from the histogram) keeps 16-bit events; 1: every tensor int8")
+                                     "(error / sum x^2, from the histogram) keeps 16-bit events; 1: every tensor int8",
+                                 within="(0, inf)")
 
     def __post_init__(self):
-        if not self.max_error > 0:
-            raise SparseccError(f"max_error must be positive (got {self.max_error}); e.g. 0.01")
         if self.bits != 8:
             raise SparseccError(f"activations quantize to 8 bits (got {self.bits}); 16-bit events are the "
                                 "target's float16 values and need no pass")
@@ -75,12 +74,11 @@ class QuantizeActivations(Pass):
     """Symmetric int8 quantization of every linear site's input; thresholds raised to the zero band."""
 
     name = "quantize-activations"
+    provides = frozenset({"int8-events"})
+    needs_data = True
     Config = QuantizeActivationsConfig
 
-    def check(self, model, ctx):
-        require_calibration(ctx, self.name)
-
-    def run(self, model: ir.Model, ctx: Context) -> dict:
+    def run(self, model: ir.Model, ctx: Context) -> PassResult:
         graph = model.graph
         analysis = analyze(graph)
         groups: dict[str, list[ir.Node]] = {}   # tensor a site reads -> the site nodes reading it
@@ -88,7 +86,7 @@ class QuantizeActivations(Pass):
             if (not site.head or self.config.include_head) and not _quantized(node.inputs[0]):
                 groups.setdefault(site.consumes, []).append(node)
         if not groups:
-            return {"changed": False, "tensors": 0}
+            return PassResult({"tensors": 0}, changed=False)
         hists = collect(model, sorted(groups), ctx.calibration, ctx.cache_dir, desc="calibrating activations")
         rows = []
         for tensor, sites in groups.items():
@@ -115,9 +113,9 @@ class QuantizeActivations(Pass):
                          "threshold_raised_to": None if raised is None else float(raised),
                          "zero_band_sparsity": round(hist.sparsity_at(float(scale) / 2), 6)})
         quantized = [r for r in rows if not r.get("kept_16_bit")]
-        return {"changed": bool(quantized), "tensors": len(quantized), "kept_16_bit": len(rows) - len(quantized),
+        return PassResult({"tensors": len(quantized), "kept_16_bit": len(rows) - len(quantized),
                 "bits": self.config.bits, "thresholds_raised": sum(r["threshold_raised_to"] is not None for r in quantized),
-                "activations": rows}
+                "activations": rows}, changed=bool(quantized))
 
 
 def _quantized(value: ir.Value) -> bool:

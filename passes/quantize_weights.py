@@ -18,9 +18,8 @@ import numpy as np
 import onnx_ir as ir
 
 from sparsecc.config import option
-from sparsecc.errors import SparseccError
 from sparsecc.model_io import add_initializer, earliest, remove_unused
-from sparsecc.pass_manager import Context, Pass
+from sparsecc.pass_manager import Context, Pass, PassResult
 from sparsecc.quant import dequantize, quantize
 from sparsecc.sites import analyze, const_root, weight_array
 
@@ -28,12 +27,9 @@ from sparsecc.sites import analyze, const_root, weight_array
 @dataclasses.dataclass(frozen=True)
 class QuantizeWeightsConfig:
     bits: Literal[8, 4] = option(8, "bits per weight: 8, or 4 (best with `group`)")
-    group: int = option(0, "input channels sharing a scale; 0: one scale per output channel")
+    group: int = option(0, "input channels sharing a scale (a divisor of the input channels); 0: one scale "
+                           "per output channel", within="[0, inf)")
     include_head: bool = option(True, "quantize the head (LM head, classifier) too")
-
-    def __post_init__(self):
-        if self.group < 0:
-            raise SparseccError(f"group must be 0 or a positive divisor of the input channels (got {self.group})")
 
 
 class QuantizeWeights(Pass):
@@ -42,7 +38,7 @@ class QuantizeWeights(Pass):
     name = "quantize-weights"
     Config = QuantizeWeightsConfig
 
-    def run(self, model: ir.Model, ctx: Context) -> dict:
+    def run(self, model: ir.Model, ctx: Context) -> PassResult:
         c, graph = self.config, model.graph
         analysis = analyze(graph)
         done, before, after, worst, tied = 0, 0, 0, 0.0, 0
@@ -74,8 +70,8 @@ class QuantizeWeights(Pass):
             after += q.size * c.bits // 8 + scale.size * 4
             done += 1
         remove_unused(graph)
-        return {"changed": done > 0, "sites": done, "bits": c.bits, "group": c.group, "tied_tables": tied,
-                "weight_bytes_float32": before, "weight_bytes_quantized": after, "max_abs_error": worst}
+        return PassResult({"sites": done, "bits": c.bits, "group": c.group, "tied_tables": tied,
+                "weight_bytes_float32": before, "weight_bytes_quantized": after, "max_abs_error": worst}, changed=done > 0)
 
     def _dequantized(self, graph: ir.Graph, before: ir.Node, q: np.ndarray, scale: np.ndarray, name: str) -> ir.Value:
         k, n = q.shape

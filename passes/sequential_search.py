@@ -19,46 +19,37 @@ import time
 
 import onnx_ir as ir
 
-from sparsecc.calibration import MAX_REFINE
+from sparsecc.calibration import REFINE
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
-from sparsecc.pass_manager import Context, Pass, require_calibration, require_thresholds
+from sparsecc.pass_manager import Context, PassResult
 from sparsecc.progress import bar
-from sparsecc.threshold_search import (Checkpoint, LossProbe, dense_statistics, group_labels, model_sparsity,
+from sparsecc.threshold_search import (Checkpoint, ThresholdSearch, LossProbe, dense_statistics, group_labels, model_sparsity,
                                       role_label, settle, thresholds_by_role)
 
 
 @dataclasses.dataclass(frozen=True)
 class SequentialSearchConfig:
     loss_inc: float = option(1.001, "a threshold's sparsity is accepted while the loss stays at or below "
-                                    "loss_inc x the loss before it (the allowance compounds)")
+                                    "loss_inc x the loss before it (the allowance compounds)", within="[1, inf)")
     step: float = option(0.1, "candidate sparsities: step, 2 x step, ... up to max_level")
     max_level: float = option(0.9, "the highest candidate sparsity")
     warm_start: bool = option(True, "start at the level most often chosen so far for the threshold's role")
-    windows: int = option(4, "calibration windows the loss is measured on")
-    refine: int = option(1, "re-calibrations with the thresholds in place")
+    windows: int = option(4, "calibration windows the loss is measured on", within="[1, inf)")
+    refine: int = option(1, "re-calibrations with the thresholds in place", within=REFINE)
 
     def __post_init__(self):
-        if self.loss_inc < 1.0:
-            raise SparseccError(f"loss_inc must be at least 1 (got {self.loss_inc}); e.g. 1.001")
         if not 0.0 < self.step <= self.max_level < 1.0:
             raise SparseccError(f"need 0 < step <= max_level < 1 (got step {self.step}, max_level {self.max_level})")
-        if self.windows < 1 or not 0 <= self.refine <= MAX_REFINE:
-            raise SparseccError(f"windows must be at least 1, refine between 0 and {MAX_REFINE} "
-                                f"(got {self.windows}, {self.refine})")
 
 
-class SequentialSearch(Pass):
+class SequentialSearch(ThresholdSearch):
     """Per threshold in graph order, the highest sparsity whose loss stays within loss_inc x the running base."""
 
     name = "sequential-search"
     Config = SequentialSearchConfig
 
-    def check(self, model, ctx):
-        require_calibration(ctx, self.name)
-        require_thresholds(model, self.name)
-
-    def run(self, model: ir.Model, ctx: Context) -> dict:
+    def run(self, model: ir.Model, ctx: Context) -> PassResult:
         c = self.config
         started = time.perf_counter()
         grouped, natural = thresholds_by_role(model)
@@ -93,8 +84,8 @@ class SequentialSearch(Pass):
         for th in thresholds:
             by_role[role_label(th.role)].append(levels[th.group])
         labels = group_labels(model, thresholds, key=lambda th: _label(th.group))
-        return {
-            "changed": True, "loss_inc": c.loss_inc,
+        return PassResult({
+            "loss_inc": c.loss_inc,
             "calibrated_model_sparsity": round(model_sparsity(thresholds, natural, hists, levels), 6),
             "loss": {"dense": dense, "searched": base, "kind": probe.kind},
             "mean_sparsity_by_role": {role: round(sum(v) / len(v), 4) for role, v in sorted(by_role.items())},
@@ -102,7 +93,7 @@ class SequentialSearch(Pass):
             "search": {"thresholds": len(thresholds), "forward_passes": probe.passes, "resumed": resumed,
                        "seconds": round(time.perf_counter() - started, 3)},
             "history": [step | {"label": labels[step["threshold"]]} for step in history],
-        }
+        })
 
     def _search(self, probe, levels, group, budget, chosen: collections.Counter, base):
         """(accepted level, its loss, trials): the highest candidate within `budget`."""

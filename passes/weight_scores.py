@@ -26,7 +26,7 @@ import onnx_ir as ir
 from sparsecc import ops
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
-from sparsecc.pass_manager import Context, Pass, require
+from sparsecc.pass_manager import Context, Pass, PassResult, require
 from sparsecc.sites import analyze, weight_array
 
 
@@ -45,6 +45,8 @@ class WeightScores(Pass):
     """Weight-aware thresholds (WINA): keep a channel on |x_i| x the L2 norm of the weights it multiplies."""
 
     name = "weight-scores"
+    needs = frozenset({"thresholds"})
+    before = frozenset({"levels"})
     Config = WeightScoresConfig
 
     def check(self, model, ctx):
@@ -54,7 +56,7 @@ class WeightScores(Pass):
         require(set_already is None, f"Threshold {set_already!r} is already set: weight-scores changes what a level "
                                      "means, so run it right after insert-thresholds, before the pass that sets them")
 
-    def run(self, model: ir.Model, ctx: Context) -> dict:
+    def run(self, model: ir.Model, ctx: Context) -> PassResult:
         analysis = analyze(model.graph)
         fed: dict[str, list[tuple[str, ir.Node]]] = {}
         for site, node in zip(analysis.sites, analysis.nodes):
@@ -75,7 +77,7 @@ class WeightScores(Pass):
             rows.append({"threshold": threshold.name, "sites": [name for name, _ in fed[threshold.name]],
                          "channels": int(norms.size), "norm_min": _round(norms.min()), "norm_max": _round(norms.max()),
                          "zero_rows": int(np.count_nonzero(norms == 0))})
-        return {"changed": True, "exponent": self.config.exponent, "thresholds": rows}
+        return PassResult({"exponent": self.config.exponent, "thresholds": rows})
 
 
 def _rows(node: ir.Node) -> np.ndarray:

@@ -35,6 +35,7 @@ BINS = 1 << (31 - _SHIFT)       # 16384
 CACHE_VERSION = "1"
 # Re-measurements with the thresholds in place settle in one or two; far more is a typo.
 MAX_REFINE = 100
+REFINE = f"[0, {MAX_REFINE}]"   # the `refine` option's range (sparsecc.config.option)
 
 
 def _bin_edges() -> np.ndarray:

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                 group.add_argument(flag, dest=f.name, action="store_true", default=None, help=f"[{name}] {f.doc}")
             else:
                 group.add_argument(flag, dest=f.name, default=None, choices=f.choices, metavar=None if f.choices else f.type_name().upper(),
-                                   help=f"[{name}] {f.doc} (default {f.default})")
+                                   help=f"[{name}] {f.doc} ({f'in {f.within}, ' if f.within else ''}default {f.default})")
 
     e = sub.add_parser("eval", help="perplexity, measured sparsity and output error in ONNX Runtime",
                        description="Evaluate MODEL with the ort backend. For a model written by `sparsecc compile`, the "
@@ -283,7 +283,7 @@ def _list(args) -> dict:
             print(f"{name:24} {row['summary']}")
             if args.verbose and args.what == "passes":
                 for f in cfg.fields(passes.get(name).Config):
-                    print(f"    {f.name} ({f.type_name()}, default {f.default}): {f.doc}")
+                    print(f"    {f.name} ({f.kind()}, default {f.default}): {f.doc}")
             if args.verbose and args.what == "targets":
                 print(f"    file: {row['file']}\n    assumed (not published): {', '.join(row['assumed'])}")
     return rows

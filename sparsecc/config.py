@@ -14,9 +14,40 @@ from typing import Any, Literal
 from sparsecc.errors import SparseccError
 
 
-def option(default: Any, doc: str) -> Any:
-    """A documented config field."""
-    return dataclasses.field(default=default, metadata={"doc": doc})
+def option(default: Any, doc: str, within: str | None = None) -> Any:
+    """A documented config field; `within` is the interval its value must lie in, written as
+    in mathematics ("[0, 1)", "[1, inf)"), checked wherever a config is made and shown in the docs."""
+    metadata = {"doc": doc} | ({"within": Interval.parse(within)} if within is not None else {})
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    low: float
+    high: float
+    low_closed: bool
+    high_closed: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "Interval":
+        low, high = (part.strip() for part in text.strip()[1:-1].split(","))
+        return cls(float(low), float(high), text.strip()[0] == "[", text.strip()[-1] == "]")
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.low_closed else value > self.low
+        below = value <= self.high if self.high_closed else value < self.high
+        return above and below   # NaN is in no interval
+
+    def describe(self) -> str:
+        """For an error: 'at least 1', 'greater than 0', 'in [0, 1)'."""
+        if self.high == float("inf"):
+            return f"{'at least' if self.low_closed else 'greater than'} {self.low:g}"
+        return f"in {self}"
+
+    def __str__(self) -> str:
+        number = lambda x: "inf" if x == float("inf") else f"{x:g}"
+        return (f"{'[' if self.low_closed else '('}{number(self.low)}, "
+                f"{number(self.high)}{']' if self.high_closed else ')'}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +56,7 @@ class FieldInfo:
     type: Any
     default: Any
     doc: str
+    within: Interval | None = None
 
     @property
     def choices(self) -> tuple | None:
@@ -35,11 +67,24 @@ class FieldInfo:
             return "|".join(map(str, self.choices))
         return getattr(self.type, "__name__", str(self.type)).replace("NoneType", "none")
 
+    def kind(self) -> str:
+        """The type with its interval, for help and docs: 'float in [0, 1)'."""
+        return self.type_name() + (f" in {self.within}" if self.within is not None else "")
+
 
 def fields(cls: type) -> list[FieldInfo]:
     hints = typing.get_type_hints(cls)
-    return [FieldInfo(f.name, hints[f.name], f.default, f.metadata.get("doc", ""))
+    return [FieldInfo(f.name, hints[f.name], f.default, f.metadata.get("doc", ""), f.metadata.get("within"))
             for f in dataclasses.fields(cls)]
+
+
+def check_ranges(cls: type, values: dict[str, Any]) -> None:
+    """Raise unless every value of a field with a declared interval lies inside it (before the
+    config's own cross-field checks, which may assume it)."""
+    for f in fields(cls):
+        value = values.get(f.name)
+        if f.within is not None and value is not None and value not in f.within:
+            raise SparseccError(f"{f.name} must be {f.within.describe()} (got {value!r}); e.g. {f.default!r}, the default")
 
 
 def _coerce(info: FieldInfo, value: Any, where: str) -> Any:
@@ -78,6 +123,7 @@ def build(cls: type, values: dict[str, Any], where: str) -> Any:
         raise SparseccError(f"{where}: unknown option {unknown[0]!r}; valid options: {', '.join(known) or 'none'}")
     values = {k: _coerce(known[k], v, where) for k, v in values.items()}
     try:
+        check_ranges(cls, values)
         return cls(**values)
     except SparseccError as exc:   # a value the config itself refuses: say where it came from too
         raise SparseccError(f"{where}: {exc}") from None
@@ -92,6 +138,11 @@ def schema(cls: type) -> dict:
     props = {}
     for f in fields(cls):
         entry: dict[str, Any] = {"description": f.doc, "default": f.default}
+        if f.within is not None:
+            low, high = ("minimum", "maximum")
+            entry[low if f.within.low_closed else "exclusiveMinimum"] = f.within.low
+            if f.within.high != float("inf"):
+                entry[high if f.within.high_closed else "exclusiveMaximum"] = f.within.high
         if f.choices:
             entry["enum"] = list(f.choices)
         else:

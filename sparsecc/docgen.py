@@ -116,7 +116,7 @@ def _passes() -> list[str]:
             lines += ["No options.", ""]
             continue
         lines += ["| option | type | default | meaning |", "|---|---|---|---|"]
-        lines += [f"| `{f.name}` | {_cell(f.type_name())} | `{f.default}` | {_cell(f.doc)} |" for f in fields]
+        lines += [f"| `{f.name}` | {_cell(f.kind())} | `{f.default}` | {_cell(f.doc)} |" for f in fields]
         lines.append("")
     return lines
 

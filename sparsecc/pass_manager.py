@@ -1,10 +1,13 @@
 """Passes and the pass manager.
 
 A pass is a small class with a stable kebab-case `name`, a typed `Config` (see
-sparsecc.config), preconditions in `check`, and `run`, which edits the model in place and
-returns a structured report (plain JSON values). The manager runs an explicit, ordered
-list of passes, verifies the graph after each, times them, and dumps the IR after the
-passes named in `dump_after`.
+sparsecc.config), a declaration of the facts about the model it `needs` and `provides` (and
+those that must not hold yet: `before`) and whether it `needs_data`, checks that hold for
+the whole run in `check_ahead`, checks on the model as it reaches the pass in `check`, and
+`run`, which edits the model in place and returns a PassResult. The manager checks the whole
+pipeline (order, data, `check_ahead`) before the first pass runs, then runs the passes in
+order, verifies the graph after each, times them, and dumps the IR after the passes named
+in `dump_after`.
 """
 from __future__ import annotations
 
@@ -30,6 +33,36 @@ class Context:
     device: str = "auto"               # where PyTorch-based passes run (sparsecc.devices)
 
 
+# What a pass can need of the model and provide to the passes after it: what the fact means,
+# for the error that names it.
+FACTS = {
+    "thresholds": "Threshold ops",
+    "levels": "thresholds set to a sparsity",
+    "int8-events": "int8 events (QuantizeLinear on activations)",
+}
+
+
+def model_facts(model: ir.Model) -> set[str]:
+    """The facts that already hold on a model as it enters the pipeline."""
+    from sparsecc import ops
+
+    thresholds = [n for n in model.graph if ops.is_threshold(n)]
+    facts = {"thresholds"} if thresholds else set()
+    if any(ops.threshold_level(n) > 0 for n in thresholds):
+        facts.add("levels")
+    if any(n.op_type == "QuantizeLinear" for n in model.graph):
+        facts.add("int8-events")
+    return facts
+
+
+@dataclasses.dataclass
+class PassResult:
+    """What a pass reports: JSON-able details for report.json, and whether it changed the model."""
+
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    changed: bool = True
+
+
 @dataclasses.dataclass(frozen=True)
 class EmptyConfig:
     pass
@@ -38,10 +71,19 @@ class EmptyConfig:
 class Pass:
     name: ClassVar[str]
     Config: ClassVar[type] = EmptyConfig
+    needs: ClassVar[frozenset[str]] = frozenset()     # FACTS that must hold when it runs
+    provides: ClassVar[frozenset[str]] = frozenset()  # FACTS that hold after it
+    before: ClassVar[frozenset[str]] = frozenset()    # FACTS that must not hold yet when it runs
+    needs_data: ClassVar[bool] = False                # calibration data in the context
 
     def __init__(self, config: Any = None, *, id: str | None = None, **options: Any):
         if config is not None and options:
             raise TypeError("give a config object or keyword options, not both")
+        if config is not None:
+            try:
+                cfg.check_ranges(type(config), dataclasses.asdict(config))
+            except SparseccError as exc:
+                raise SparseccError(f"{self.name}: {exc}") from None
         self.config = config if config is not None else cfg.build(self.Config, options, self.name)
         self.id = id or self.name
 
@@ -49,10 +91,14 @@ class Pass:
     def summary(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
-    def check(self, model: ir.Model, ctx: Context) -> None:
-        """Raise PreconditionError when the pass cannot run on `model`."""
+    def check_ahead(self, model: ir.Model, ctx: Context) -> None:
+        """Raise PreconditionError when the pass cannot run in this run at all: the kind of model
+        (passes do not change it), the context, what must be installed. Called before any pass runs."""
 
-    def run(self, model: ir.Model, ctx: Context) -> dict[str, Any]:
+    def check(self, model: ir.Model, ctx: Context) -> None:
+        """Raise PreconditionError when the pass cannot run on `model` as it reaches the pass."""
+
+    def run(self, model: ir.Model, ctx: Context) -> PassResult:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -86,15 +132,40 @@ class PassManager:
             raise SparseccError(f"--dump-after {unknown[0]!r} names no pass of the pipeline ({', '.join(ids)})")
         self.passes, self.verify, self.dump_after, self.dump_dir = passes, verify, dump_after, dump_dir
 
+    def check(self, model: ir.Model, ctx: Context) -> None:
+        """Refuse the whole pipeline in one line before any pass runs: a pass placed before the
+        passes that provide what it needs (or after one that provides what must not hold yet), a
+        pass that needs calibration data without any, a pass that cannot run on this model."""
+        facts = model_facts(model)
+        for step, p in enumerate(self.passes):
+            p.check_ahead(model, ctx)   # the kind of model first: no order would make it run
+            if p.needs_data:
+                require_calibration(ctx, p.id)
+            fact = _first(p.needs - facts)
+            if fact:
+                raise PreconditionError(f"pipeline order: {p.id} needs {FACTS.get(fact, fact)}, which no pass before it "
+                                        f"provides; put {_providers(fact)} before it")
+            fact = _first(p.before & facts)
+            if fact:
+                where = next((q.id for q in self.passes[:step] if fact in q.provides), None)
+                raise PreconditionError(f"pipeline order: {p.id} must run before {FACTS.get(fact, fact)} "
+                                        + (f"(by {where}); move it before {where}" if where else
+                                           "and the model's are set already; start from the model before they were set"))
+            facts |= p.provides
+
     def run(self, model: ir.Model, ctx: Context) -> list[PassReport]:
+        self.check(model, ctx)
         reports = []
         for step, p in enumerate(self.passes, 1):
             log(f"[{step}/{len(self.passes)}] {p.id}")
             p.check(model, ctx)
             start = time.perf_counter()
-            details = p.run(model, ctx)
+            result = p.run(model, ctx)
             seconds = time.perf_counter() - start
-            changed = bool(details.pop("changed", True))
+            if not isinstance(result, PassResult):
+                raise SparseccError(f"pass {p.id} returned a {type(result).__name__}: a pass's run returns a "
+                                    "sparsecc.pass_manager.PassResult(details, changed)")
+            changed, details = result.changed, result.details
             if self.verify:
                 verify(model, after=p.id)
             if p.id in self.dump_after or p.name in self.dump_after:
@@ -127,6 +198,20 @@ def verify(model: ir.Model, after: str = "") -> None:
             defined.add(value.name)
         if node.domain not in ("", "ai.onnx") and node.domain not in model.opset_imports:
             raise SparseccError(f"invalid graph after {after}: domain {node.domain!r} of node {node.name!r} is not imported")
+
+
+def _first(facts: set[str]) -> str | None:
+    """The fact named first in FACTS (a pass's own facts after them, sorted)."""
+    order = list(FACTS)
+    return min(facts, key=lambda f: (order.index(f) if f in order else len(order), f), default=None)
+
+
+def _providers(fact: str) -> str:
+    """The registered passes that provide `fact`, for an error's fix."""
+    from sparsecc import passes
+
+    names = [name for name, p in passes.registry().items() if fact in p.provides]
+    return " or ".join(names[:2]) + (" (or another that does)" if len(names) > 2 else "") if names else "a pass that provides it"
 
 
 def require(condition: bool, message: str) -> None:

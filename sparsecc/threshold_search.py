@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -14,11 +15,30 @@ import onnx_ir as ir
 from sparsecc import compensation, ops
 from sparsecc.calibration import AbsHistogram, collect, statistic
 from sparsecc.model_io import atomic_write
-from sparsecc.pass_manager import Context
+from sparsecc.pass_manager import Context, Pass, require, require_thresholds
 from sparsecc.progress import log
 from sparsecc.runtime import load_session, saved_copy
 from sparsecc.site_names import label, threshold_names
 from sparsecc.sites import analyze
+from sparsecc.stepgraph import is_step_graph
+
+
+class ThresholdSearch(Pass):
+    """Base of the passes that set the thresholds' levels on calibration data (calibrate-thresholds
+    and the searches): they need Threshold ops and data, provide levels, and, where
+    `window_graphs_only` gives the reason and the alternative, refuse step graphs up front."""
+
+    needs = frozenset({"thresholds"})
+    provides = frozenset({"levels"})
+    needs_data = True
+    window_graphs_only: ClassVar[str | None] = None
+
+    def check_ahead(self, model: ir.Model, ctx: Context) -> None:
+        require(self.window_graphs_only is None or not is_step_graph(model),
+                f"{self.name} does not run on step graphs ({self.window_graphs_only})")
+
+    def check(self, model: ir.Model, ctx: Context) -> None:
+        require_thresholds(model, self.name)
 
 
 @dataclasses.dataclass

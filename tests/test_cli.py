@@ -119,7 +119,7 @@ def test_list_passes_and_backends(capsys):
     assert [line.split()[0] for line in lines] == PASSES
     assert cli.main(["list", "passes", "-v"]) == 0
     text = capsys.readouterr().out
-    assert "sparsity (float, default 0.5)" in text and "per_consumer (bool, default False)" in text
+    assert "sparsity (float in [0, 1), default 0.5)" in text and "per_consumer (bool, default False)" in text
     assert cli.main(["list", "backends"]) == 0
     backends = capsys.readouterr().out.splitlines()
     assert [b.split()[0] for b in backends] == ["ort", "seneca"] and "ONNX Runtime" in backends[0]
@@ -207,7 +207,7 @@ def test_search_flags_compose_the_pipeline(mlp_path, mlp_npz, tmp_path, capsys):
     (["--search-option", "loss_inc"], "--search-option takes KEY=VALUE"),
     (["--search-option", "loss_inc=1.01"], "calibrate-thresholds: unknown option 'loss_inc'"),
     (["--search", "greedy-blocks", "--mode", "uniform"], "--mode uniform applies to calibrate-thresholds only"),
-    (["--search", "allocate-sparsity", "--search-option", "bands=0"], "bands and windows must be at least 1"),
+    (["--search", "allocate-sparsity", "--search-option", "bands=0"], "bands must be at least 1"),
 ])
 def test_search_flag_errors(mlp_path, mlp_npz, tmp_path, capsys, extra, mention):
     assert cli.main(["compile", str(mlp_path), "--calib", str(mlp_npz), "-o", str(tmp_path / "o"), *extra]) == 2

@@ -291,7 +291,7 @@ def test_bad_rank():
 
 
 def test_needs_thresholds():
-    with pytest.raises(PreconditionError, match="run insert-thresholds before it"):
+    with pytest.raises(PreconditionError, match="pipeline order: compensate-lowrank needs Threshold ops, which no pass before it provides; put insert-thresholds before it"):
         run_passes(to_ir(llama_model()), [get("compensate-lowrank")()])
 
 

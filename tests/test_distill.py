@@ -191,7 +191,7 @@ def test_a_float_input_model_learns_the_dense_outputs():
 
 @pytest.mark.parametrize("options, message", [
     ({"steps": 0}, "steps must be at least 1"), ({"batch": 0}, "batch must be at least 1"),
-    ({"samples": -1}, "samples must be 0 or more"), ({"lr": 0.0}, "lr and temperature must be positive"),
+    ({"samples": -1}, "samples must be at least 0"), ({"lr": 0.0}, "lr must be greater than 0"),
     ({"warmup": 1.0}, r"warmup must be in \[0, 1\)"), ({"train": "heads"}, "train must be one of all, linear, norms"),
     ({"gradient": "soft"}, "gradient must be one of masked, straight")])
 def test_bad_options(options, message):
@@ -201,8 +201,13 @@ def test_bad_options(options, message):
 
 def test_preconditions_name_the_fix():
     feeds = token_feeds()
-    with pytest.raises(SparseccError, match="every threshold at t = 0: run calibrate-thresholds"):
+    with pytest.raises(SparseccError, match="pipeline order: distill needs thresholds set to a sparsity, which no pass before it provides; put "
+                                           "calibrate-thresholds or allocate-sparsity"):
         PassManager([get("insert-thresholds")(), get("distill")()]).run(
+            to_ir(llama_model()), Context(calibration=as_feed_source(feeds)))
+    # Levels set, but all at 0 (sparsity 0): found when the pass is reached.
+    with pytest.raises(SparseccError, match="every threshold at t = 0: run calibrate-thresholds"):
+        PassManager([get("insert-thresholds")(), get("calibrate-thresholds")(sparsity=0.0), get("distill")()]).run(
             to_ir(llama_model()), Context(calibration=as_feed_source(feeds)))
     with pytest.raises(SparseccError, match="held_out"):
         distilled(thresholded(to_ir(llama_model()), feeds), feeds[:4], held_out=4)

@@ -105,11 +105,12 @@ def test_example_pass_rounds_up_and_checks(example, mlp_path, mlp_npz):
         mantissa, _ = np.frexp(row["after"])
         assert row["after"] >= row["before"] and (mantissa * 16) % 1 == 0   # 1 + 3 significant bits
     assert any(row["after"] > row["before"] for row in rows)
-    with pytest.raises(SparseccError, match=r"bits must be in 1\.\.23 \(got 0\)"):
+    with pytest.raises(SparseccError, match=r"bits must be in \[1, 23\] \(got 0\)"):
         example.RoundThresholds(bits=0)
     with pytest.raises(SparseccError, match="direction must be one of nearest, up"):
         example.RoundThresholds(direction="down")
-    with pytest.raises(PreconditionError, match="round-thresholds found no Threshold ops: run insert-thresholds"):
+    with pytest.raises(PreconditionError, match="pipeline order: round-thresholds needs Threshold ops, which no pass "
+                                                "before it provides; put insert-thresholds before it"):
         sparsecc.compile_model(mlp_path, [example.RoundThresholds()])
 
 

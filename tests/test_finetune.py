@@ -231,12 +231,12 @@ def test_weight_aware_thresholds_learn_their_score_level():
         assert ops.threshold_level(node) != before[node.name]
 
 
-@pytest.mark.parametrize("options, message", [({"steps": 0}, "steps, windows, batch and threads must be at least 1"),
-                                               ({"threads": 0}, "steps, windows, batch and threads must be at least 1"),
+@pytest.mark.parametrize("options, message", [({"steps": 0}, "steps must be at least 1"),
+                                               ({"threads": 0}, "threads must be at least 1"),
                                                ({"batch": 5, "windows": 4}, "batch .5. must not exceed windows"),
-                                               ({"lr": 0.0}, "lr and temperature must be positive"),
-                                               ({"temperature": -1.0}, "lr and temperature must be positive"),
-                                               ({"seed": -1}, "seed and refine must be 0 or more")])
+                                               ({"lr": 0.0}, "lr must be greater than 0"),
+                                               ({"temperature": -1.0}, "temperature must be greater than 0"),
+                                               ({"seed": -1}, "seed must be at least 0")])
 def test_bad_options(options, message):
     with pytest.raises(SparseccError, match=message):
         get("finetune-bands")(**options)
@@ -244,8 +244,13 @@ def test_bad_options(options, message):
 
 def test_needs_calibrated_thresholds():
     feeds = token_feeds()
-    with pytest.raises(SparseccError, match="every threshold at t = 0: run calibrate-thresholds"):
+    with pytest.raises(SparseccError, match="pipeline order: finetune-bands needs thresholds set to a sparsity, which no pass before it provides; put "
+                                           "calibrate-thresholds or allocate-sparsity"):
         PassManager([get("insert-thresholds")(), get("finetune-bands")()]).run(
+            to_ir(llama_model()), Context(calibration=as_feed_source(feeds)))
+    # Levels set, but all at 0 (sparsity 0): found when the pass is reached.
+    with pytest.raises(SparseccError, match="every threshold at t = 0: run calibrate-thresholds"):
+        PassManager([get("insert-thresholds")(), get("calibrate-thresholds")(sparsity=0.0), get("finetune-bands")()]).run(
             to_ir(llama_model()), Context(calibration=as_feed_source(feeds)))
 
 

@@ -210,14 +210,14 @@ def test_resumes_mid_block_to_the_same_result_with_fewer_passes(tmp_path, monkey
                                                ({"step": 0.0}, "step must be in"),
                                                ({"step": 0.6}, "step must be in"),
                                                ({"windows": 0}, "windows must be at least 1"),
-                                               ({"refine": -1}, "refine at least 0")])
+                                               ({"refine": -1}, r"refine must be in \[0, 100\]")])
 def test_bad_options(options, message):
     with pytest.raises(SparseccError, match=message):
         get("greedy-blocks")(**options)
 
 
 def test_needs_thresholds_and_data():
-    with pytest.raises(SparseccError, match="run insert-thresholds"):
+    with pytest.raises(SparseccError, match="pipeline order: greedy-blocks needs Threshold ops, which no pass before it provides; put insert-thresholds before it"):
         greedy(model_io.load_model(SAMPLE_MODEL), sample_feeds(2))
     with pytest.raises(SparseccError, match="needs calibration data"):
         PassManager([get("greedy-blocks")()]).run(sample(), Context())

@@ -1,16 +1,19 @@
 """The pass framework: options, preconditions, ids, pipeline files, IR dumps."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 from conftest import mlp_feeds, mlp_model, to_ir
 
 import sparsecc
 from sparsecc import cli, passes
+from sparsecc import config as cfg
 from sparsecc import pipeline as pipelines
 from sparsecc.data import IterableFeeds
 from sparsecc.errors import PreconditionError, SparseccError
-from sparsecc.pass_manager import Context, PassManager
+from sparsecc.pass_manager import Context, Pass, PassManager, PassResult, model_facts
 
 
 def test_unknown_option_names_the_valid_ones():
@@ -52,11 +55,93 @@ def test_unknown_pass_name():
 def test_calibrate_before_insert_is_a_precondition_error():
     model = to_ir(mlp_model())
     manager = PassManager([passes.get("discover-sites")(), passes.get("calibrate-thresholds")()])
-    with pytest.raises(PreconditionError, match="run insert-thresholds before it"):
+    with pytest.raises(PreconditionError, match="pipeline order: calibrate-thresholds needs Threshold ops, which no pass "
+                                                "before it provides; put insert-thresholds before it"):
         manager.run(model, Context(calibration=IterableFeeds(mlp_feeds(2))))
     # And without data, the precondition names the missing data.
     with pytest.raises(PreconditionError, match="needs calibration data"):
         PassManager(sparsecc.default_pipeline()).run(to_ir(mlp_model()), Context())
+
+
+class Spy(Pass):
+    """Records that it ran."""
+
+    name = "spy"
+    ran: list = []
+
+    def run(self, model, ctx):
+        Spy.ran.append(self.id)
+        return PassResult({}, changed=False)
+
+
+@pytest.mark.parametrize("later, context, message", [
+    (["calibrate-thresholds", "weight-scores"], "data",
+     "pipeline order: weight-scores must run before thresholds set to a sparsity (by calibrate-thresholds); "
+     "move it before calibrate-thresholds"),
+    (["distill"], "data", "pipeline order: distill needs thresholds set to a sparsity, which no pass before it "
+                          "provides; put calibrate-thresholds or allocate-sparsity (or another that does) before it"),
+    (["calibrate-thresholds", "quantize-activations", "distill"], "data",
+     "pipeline order: distill must run before int8 events (QuantizeLinear on activations) (by quantize-activations)"),
+    (["calibrate-thresholds"], None, "calibrate-thresholds needs calibration data"),
+    (["quantize-activations"], None, "quantize-activations needs calibration data"),
+])
+def test_a_wrong_pipeline_is_refused_before_any_pass_runs(later, context, message):
+    """The whole pipeline is checked first: the pass at its head (a spy) never runs."""
+    Spy.ran = []
+    pipeline = [Spy(), passes.get("insert-thresholds")()] + [passes.get(name)() for name in later]
+    ctx = Context(calibration=IterableFeeds(mlp_feeds(2)) if context else None)
+    with pytest.raises(PreconditionError, match=re.escape(message)):
+        PassManager(pipeline).run(to_ir(mlp_model()), ctx)
+    assert Spy.ran == []
+
+
+def test_the_input_model_provides_facts_too(mlp_path, mlp_npz, tmp_path):
+    """A compiled model already has thresholds and levels: weight-scores after them is refused
+    with the fix; calibrate-thresholds alone on it needs no insert-thresholds."""
+    sparsecc.compile_model(mlp_path, sparsecc.default_pipeline(sparsity=0.5), sparsecc.data_source(str(mlp_npz)),
+                           out=tmp_path / "a")
+    compiled = sparsecc.compiler.model_io.load_model(tmp_path / "a" / "model.onnx")
+    assert model_facts(compiled) == {"thresholds", "levels"} and model_facts(to_ir(mlp_model())) == set()
+    with pytest.raises(PreconditionError, match="weight-scores must run before thresholds set to a sparsity and the "
+                                                "model's are set already"):
+        PassManager([passes.get("weight-scores")()]).run(compiled, Context())
+    again = PassManager([passes.get("calibrate-thresholds")(sparsity=0.3)]).run(
+        compiled, Context(calibration=sparsecc.data_source(str(mlp_npz))))
+    assert again[0].details["target"] == 0.3
+
+
+def test_a_pass_returns_a_pass_result():
+    class Old(Pass):
+        name = "old"
+
+        def run(self, model, ctx):
+            return {"changed": True}
+
+    with pytest.raises(SparseccError, match=r"pass old returned a dict: a pass's run returns a "
+                                            r"sparsecc.pass_manager.PassResult\(details, changed\)"):
+        PassManager([Old()]).run(to_ir(mlp_model()), Context())
+
+
+def test_option_ranges_are_declared_with_the_option():
+    """One interval per option, checked from every way a config is made (keywords, YAML strings,
+    a config object), shown in help, docs and the JSON schema; NaN lies in no interval."""
+    calibrate = passes.get("calibrate-thresholds")
+    for bad in (1.0, -0.1, float("nan"), "1.5"):
+        with pytest.raises(SparseccError, match=r"calibrate-thresholds: sparsity must be in \[0, 1\)"):
+            calibrate(sparsity=bad)
+    with pytest.raises(SparseccError, match=r"calibrate-thresholds: refine must be in \[0, 100\] \(got -1\)"):
+        calibrate(config=calibrate.Config(refine=-1))
+    with pytest.raises(SparseccError, match=r"distill: lr must be greater than 0 \(got 0.0\)"):
+        passes.get("distill")(lr=0)
+    with pytest.raises(SparseccError, match=r"steps must be at least 1 \(got 0\)"):
+        passes.get("finetune-bands")(steps=0)
+    assert calibrate(sparsity=0.0).config.sparsity == 0.0    # closed end
+    info = {f.name: f for f in cfg.fields(calibrate.Config)}
+    assert str(info["sparsity"].within) == "[0, 1)" and info["sparsity"].kind() == "float in [0, 1)"
+    schema = cfg.schema(calibrate.Config)["properties"]["sparsity"]
+    assert (schema["minimum"], schema["exclusiveMaximum"]) == (0.0, 1.0)
+    compile_help = cli.build_parser()._subparsers._group_actions[0].choices["compile"].format_help()
+    assert "(in [0, 1), default 0.5)" in " ".join(compile_help.split())
 
 
 def test_calibrate_before_insert_through_compile(mlp_path, tmp_path):
@@ -100,7 +185,7 @@ def test_pass_reports():
 
 def test_per_consumer_gives_each_site_its_threshold():
     model = to_ir(mlp_model())
-    report = passes.get("insert-thresholds")(per_consumer=True).run(model, Context())
+    report = passes.get("insert-thresholds")(per_consumer=True).run(model, Context()).details
     assert report["thresholds"] == 4 and report["sites"] == 4
 
 

@@ -30,7 +30,7 @@ class EchoBackend(Backend):
 PASS = '''
 import dataclasses
 from sparsecc.config import option
-from sparsecc.pass_manager import Pass
+from sparsecc.pass_manager import Pass, PassResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Tag(Pass):
 
     def run(self, model, ctx):
         model.metadata_props["tag"] = self.config.text
-        return {"changed": True}
+        return PassResult({}, changed=True)
 '''
 
 

@@ -317,4 +317,4 @@ def test_window_only_searches_decline_step_graphs(exported, search):
     model = load_model(exported["rwkv"][1])
     passes.get("insert-thresholds")().run(model, None)
     with pytest.raises(SparseccError, match=f"{search} does not run on step graphs .* use sequential-search"):
-        passes.get(search)().check(model, Context(calibration=as_feed_source(windows(1))))
+        PassManager([passes.get(search)()]).check(model, Context(calibration=as_feed_source(windows(1))))

@@ -17,7 +17,7 @@ DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, Te
 
 def thresholded_model(elem) -> tuple[ir.Model, ir.Node]:
     model = to_ir(linear_model(k=8, n=4, elem=elem))
-    report = passes.get("insert-thresholds")(include_head=True).run(model, Context())
+    report = passes.get("insert-thresholds")(include_head=True).run(model, Context()).details
     assert report["thresholds"] == 1 and report["sites"] == 1
     (node,) = [n for n in model.graph if ops.is_threshold(n)]
     return model, node
