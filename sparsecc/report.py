@@ -68,7 +68,7 @@ def _distill_markdown(report: dict) -> list[str]:
         return []
     d = runs[-1]
     t, before, after = d["training"], d["held_out"]["before"], d["held_out"]["after"]
-    lines = ["", f"## distill", "", f"{t['tokens']:,} tokens ({t['steps']} steps, {t['windows']} training windows), "
+    lines = ["", "## distill", "", f"{t['tokens']:,} tokens ({t['steps']} steps, {t['windows']} training windows), "
              f"{t['trained_tensors']} tensors ({t['trained_parameters']:,} parameters) trained in "
              f"{t['training_seconds']:.0f} s on {t['device']}{' (bf16)' if t['bf16'] else ''}; "
              f"target {_pct(d['target'])}, calibrated model-wide sparsity {_pct(d['calibrated_model_sparsity'])}.", ""]
