@@ -14,6 +14,7 @@ from pathlib import Path
 from sparsecc import __version__, compiler, config as cfg, pipeline as pipelines, progress, signals
 from sparsecc import report as reports
 from sparsecc.calibration import default_cache_dir
+from sparsecc.data import tokenizer_file
 from sparsecc.errors import SparseccError
 from sparsecc.model_io import check_output_dir, input_files, write_error
 
@@ -185,7 +186,8 @@ def _compile(args) -> dict:
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
     # the destination before any work (reading the data included); compile_model checks again
     reads = [*input_files(args.model), *([args.pipeline] if args.pipeline else []),
-             *(data[k] for k in ("calib", "tokenizer") if data.get(k)), *([cache] if cache else [])]
+             *([data["calib"]] if data.get("calib") else []), *([cache] if cache else []),
+             *([tokenizer_file(data["tokenizer"])] if data.get("tokenizer") else [])]
     check_output_dir(Path(args.out), reads)
     source = compiler.data_source(data.get("calib"), data.get("tokenizer"), data["seq_len"], data.get("windows"),
                                   data.get("samples", 0), args.model, data.get("sample_temperature", 1.0),
@@ -228,7 +230,7 @@ def _eval(args) -> dict:
     if args.out:  # before the long part, not after it; never over what the eval reads
         reads = [f for model, _, reference in plans for m in (model, reference) if m is not None
                  for f in input_files(m)]
-        check_output_dir(Path(args.out), reads + [p for p in (args.data, args.tokenizer) if p])
+        check_output_dir(Path(args.out), reads + [args.data] + ([tokenizer_file(args.tokenizer)] if args.tokenizer else []))
     runs = []
     for model, saved, reference in plans:
         data = saved.get("data", {})
@@ -261,7 +263,7 @@ def _simulate(args) -> dict:
     tokenizer = args.tokenizer or saved.get("tokenizer")
     # DIR's own files (model, placement, target, ...) and the text: -o DIR would replace them
     reads = [*(p for p in folder.iterdir() if p.is_file()), *input_files(folder / "model.onnx"), args.data]
-    check_output_dir(out, reads + ([tokenizer] if tokenizer else []))
+    check_output_dir(out, reads + ([tokenizer_file(tokenizer)] if tokenizer else []))
     source = compiler.data_source(args.data, tokenizer, args.tokens, args.windows)
     positions = tuple(args.positions or ())
     if positions and (min(positions) < 0 or args.position_tokens < 1):

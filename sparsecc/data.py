@@ -83,6 +83,12 @@ class Tokenizer:
         return np.asarray(self.encode_ids(text, False), dtype=np.int64)
 
 
+def tokenizer_file(path: str | os.PathLike) -> Path:
+    """The file a tokenizer path names: its folder's tokenizer.json, or the file itself."""
+    path = Path(path)
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
 def _unknown_token(file: Path) -> str | None:
     """The unknown token a tokenizer.json's model names (None: it has none)."""
     import json

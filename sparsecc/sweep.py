@@ -52,6 +52,7 @@ from typing import Any
 
 from sparsecc import __version__, compiler, pipeline as pipelines, progress
 from sparsecc import report as reports, report_page
+from sparsecc.data import tokenizer_file
 from sparsecc.errors import SparseccError, excerpt
 from sparsecc.model_io import atomic_dir, atomic_write, check_output_dir, fingerprint
 
@@ -369,9 +370,12 @@ def _reads(cells: list[dict]) -> list[str]:
     paths = set()
     for cell in cells:
         paths.add(cell["model"])
-        paths.update(str(v) for v in cell["pipeline"].get("data", {}).values() if isinstance(v, str))
+        data = cell["pipeline"].get("data", {})
+        paths.update([data["calib"]] if data.get("calib") else [])
+        paths.update([str(tokenizer_file(data["tokenizer"]))] if data.get("tokenizer") else [])
         for section in (cell["eval"], cell["simulate"] or {}):
-            paths.update(str(v) for k, v in section.items() if k in ("ppl", "text", "tokenizer") and v)
+            paths.update(str(v) for k, v in section.items() if k in ("ppl", "text") and v)
+            paths.update(str(tokenizer_file(v)) for k, v in section.items() if k == "tokenizer" and v)
         if isinstance(cell["options"].get("pipeline"), str):
             paths.add(cell["options"]["pipeline"])
     return sorted(paths)

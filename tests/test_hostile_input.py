@@ -321,6 +321,18 @@ def test_hostile_yaml(name, where, tmp_path, capfd):
     assert not (tmp_path / "o").exists()
 
 
+def test_deeply_nested_target_file(tmp_path, capfd):
+    from test_bad_input import _target_compile
+
+    inputs = Inputs(tmp_path)
+    args = _target_compile(inputs, inputs.file("deep.toml", "a = " + "[" * 5000 + "]" * 5000 + "\n"))
+    capfd.readouterr()
+    rc = cli.main(args + ["--no-cache", "-o", str(tmp_path / "o")])
+    lines = capfd.readouterr().err.splitlines()
+    assert rc == 2 and lines[-1].startswith("sparsecc: error: target file ") and "nested too deeply" in lines[-1]
+    assert all(ln.startswith("[") for ln in lines[:-1]) and not (tmp_path / "o").exists()
+
+
 # 3. Absurd tensor headers and paths -----------------------------------------------------------------
 def huge_dims(i: Inputs):
     model = onnx.load(str(i.model))
