@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
         return 0
     except OSError as exc:  # a write outside the output folder (TMPDIR's model copy, the cache) failed
-        error = write_error(exc, "a temporary file", within=None, fix=f"free some space or raise the limit "
+        error = write_error(exc, "a temporary file", within=Path(tempfile.gettempdir()), fix=f"free some space or raise the limit "
                             f"(temporary files go to {tempfile.gettempdir()}: set TMPDIR to move them)")
         if error is None or args.verbose:
             raise

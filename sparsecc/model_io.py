@@ -66,10 +66,12 @@ def _check_tensor_sizes(model: ir.Model) -> None:
     would crash a save or a read much later), and no linear layer's weight is empty."""
     for value in model.graph.initializers.values():
         tensor = value.const_value
-        if tensor is None:
+        if tensor is None or tensor.dtype in (ir.DataType.STRING, ir.DataType.UNDEFINED):  # no fixed width
             continue
         declared = -(-math.prod(tensor.shape.numpy()) * tensor.dtype.bitwidth // 8)
         held = _held_bytes(tensor)
+        if held is None and not isinstance(tensor, ir.ExternalTensor) and declared >= 2**31:
+            held = "at most 2 GiB (an inline tensor's protobuf limit), so fewer"
         if held is not None and held != declared:
             raise SparseccError(f"initializer {value.name!r} declares shape {list(tensor.shape.numpy())} "
                                 f"({declared} bytes) but holds {held} bytes: a corrupt tensor header; re-export the model")
@@ -213,7 +215,7 @@ def check_output_dir(out: str | os.PathLike, reads: Iterable[str | os.PathLike] 
     out = Path(out)
     here, target = Path.cwd().resolve(), out.resolve()
     if here.is_relative_to(target):
-        raise SparseccError(f"{what} {str(out) or '(empty)'} is the current folder or holds it; "
+        raise SparseccError(f"{what} {out} is the current folder or holds it; "
                             "name a new folder with -o, e.g. -o out")
     if out.exists() and not out.is_dir():
         raise SparseccError(f"output path {out} is a file; choose a folder with -o")

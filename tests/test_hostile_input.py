@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 from conftest import SAMPLE, SAMPLE_MODEL, VALID_TXT, Builder, listing, mlp_feeds, save, save_npz
 from onnx import TensorProto, helper
@@ -340,6 +341,16 @@ def huge_dims(i: Inputs):
     return i.compile(save(model, i.dir / "huge.onnx")), "declares shape [1099511627776, 64]"
 
 
+def huge_dims_typed_fields(i: Inputs):
+    """Values in float_data, not raw_data: only the size a protobuf can hold bounds them."""
+    model = onnx.load(str(i.model))
+    w = model.graph.initializer[0]
+    w.float_data.extend(onnx.numpy_helper.to_array(w).ravel().tolist())
+    w.ClearField("raw_data")
+    w.dims[0] = 2**40
+    return i.compile(save(model, i.dir / "typed.onnx")), "at most 2 GiB (an inline tensor's protobuf limit)"
+
+
 def huge_dims_external(i: Inputs):
     path = _external(onnx.load(str(i.model)), i.dir / "ext" / "model.onnx")
     proto = onnx.load(str(path), load_external_data=False)
@@ -377,7 +388,7 @@ def newline_in_output_path(i: Inputs):
     return i.compile(None, "-o", str(blocked / "out")), "controls is a file, not a folder"
 
 
-HEADERS = [huge_dims, huge_dims_external, zero_width_weight, nul_in_external_location,
+HEADERS = [huge_dims, huge_dims_typed_fields, huge_dims_external, zero_width_weight, nul_in_external_location,
            external_data_is_the_model_itself, newline_in_model_path, newline_in_output_path]
 
 
