@@ -6,7 +6,15 @@
 """
 __version__ = "0.1.0"
 
-from sparsecc.compiler import compile_model, data_source, evaluate  # noqa: E402
-from sparsecc.pipeline import default_pipeline  # noqa: E402
-
 __all__ = ["compile_model", "data_source", "default_pipeline", "evaluate", "__version__"]
+# Loaded on first use, so the command starts (and can be interrupted) before numpy and onnx load.
+_LAZY = {"compile_model": "sparsecc.compiler", "data_source": "sparsecc.compiler", "evaluate": "sparsecc.compiler",
+         "default_pipeline": "sparsecc.pipeline"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'sparsecc' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)

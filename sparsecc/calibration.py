@@ -16,6 +16,7 @@ channel for a score. Every threshold pass keys its histograms by that one name.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -118,16 +119,44 @@ def collect(model: ir.Model, tensors: list[str], source: FeedSource, cache_dir: 
         cache = _cache_path(cache_dir, files, source, tensors + scaled)
         if cache is None:
             return _measure(files[0], tensors, fetch, scores, source, desc)
-        with file_lock(cache, waiting=lambda: log(f"{desc}: waiting for another process computing {cache.name}")):
-            if cache.is_file():
-                log(f"{desc}: reusing cached statistics {cache.name}")
-                STATS["reused"] += 1
-                with np.load(cache) as data:
-                    return {name: AbsHistogram(data[f"h{i}"]) for i, name in enumerate(tensors)}
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(file_lock(cache, waiting=lambda: log(
+                    f"{desc}: waiting for another process computing {cache.name}")))
+            except OSError as exc:   # an unwritable cache folder: calibrate without it
+                log(f"warning: {desc}: cannot use the calibration cache {cache.parent} ({exc.strerror}); "
+                    "calibrating without it")
+                return _measure(files[0], tensors, fetch, scores, source, desc)
+            if cache.exists():
+                cached = _read_cache(cache, len(tensors))
+                if cached is not None:
+                    log(f"{desc}: reusing cached statistics {cache.name}")
+                    STATS["reused"] += 1
+                    return {name: AbsHistogram(counts) for name, counts in zip(tensors, cached)}
+                log(f"warning: {desc}: cached statistics {cache} are unreadable (corrupt or truncated); "
+                    "recomputing them")
             hists = _measure(files[0], tensors, fetch, scores, source, desc)
             arrays = {f"h{i}": hists[name].counts for i, name in enumerate(tensors)}
-            atomic_write(cache, lambda f: np.savez_compressed(f, **arrays))
+            try:
+                atomic_write(cache, lambda f: np.savez_compressed(f, **arrays))
+            except (OSError, SparseccError) as exc:
+                log(f"warning: {desc}: cannot write the calibration cache {cache} ({exc}); continuing without it")
             return hists
+
+
+def _read_cache(path: Path, count: int) -> list[np.ndarray] | None:
+    """The `count` histograms of a cache entry, or None when it is not exactly that: unreadable,
+    truncated (zip CRCs), corrupt, or of another shape, so a bad entry is never trusted."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if sorted(data.files) != sorted(f"h{i}" for i in range(count)):
+                return None
+            counts = [data[f"h{i}"] for i in range(count)]
+    except Exception:   # zipfile.BadZipFile, OSError, ValueError, EOFError, ...: all mean unusable
+        return None
+    if any(c.shape != (BINS,) or c.dtype != np.int64 or (c < 0).any() for c in counts):
+        return None
+    return counts
 
 
 def _measure(model_file: Path, tensors: list[str], fetch: list[str], scores: dict, source: FeedSource,

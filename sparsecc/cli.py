@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
+import tempfile
 from pathlib import Path
 
-from sparsecc import __version__, compiler, config as cfg, pipeline as pipelines, progress
+from sparsecc import __version__, compiler, config as cfg, pipeline as pipelines, progress, signals
 from sparsecc import report as reports
 from sparsecc.calibration import default_cache_dir
+from sparsecc.data import tokenizer_file
 from sparsecc.errors import SparseccError
-from sparsecc.model_io import check_output_dir
+from sparsecc.model_io import check_output_dir, input_files, write_error
 
 def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
     """-v/-q/--json work before or after the subcommand (the subcommand's never reset the top's)."""
@@ -184,6 +184,11 @@ def _compile(args) -> dict:
     flags = {key: getattr(args, "data" if key == "calib" else key) for key in pipelines.DATA_KEYS}
     data = compiler.resolved_data(data, flags)   # flags override the pipeline file's data
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    # the destination before any work (reading the data included); compile_model checks again
+    reads = [*input_files(args.model), *([args.pipeline] if args.pipeline else []),
+             *([data["calib"]] if data.get("calib") else []), *([cache] if cache else []),
+             *([tokenizer_file(data["tokenizer"])] if data.get("tokenizer") else [])]
+    check_output_dir(Path(args.out), reads)
     source = compiler.data_source(data.get("calib"), data.get("tokenizer"), data["seq_len"], data.get("windows"),
                                   data.get("samples", 0), args.model, data.get("sample_temperature", 1.0),
                                   args.device, cache)
@@ -212,16 +217,25 @@ def _key_values(items: list[str], flag: str) -> dict[str, str]:
 def _eval(args) -> dict:
     if args.data is None:
         raise SparseccError("eval needs data: pass --ppl TEXT (with --tokenizer) or --ppl FEEDS.npz")
-    if args.out:
-        check_output_dir(Path(args.out))  # before the long part, not after it
-    runs = []
+    plans = []
     for path in args.model:
         model = Path(path)
         saved = compiler.compiled_config(model)
+        reference = None if args.no_reference else (args.reference or saved.get("source"))
+        if reference is not None and Path(reference).resolve() == model.resolve():
+            named = "--reference names" if args.reference else f"its {compiler.CONFIG} names (compiled into its own folder)"
+            raise SparseccError(f"{model}: {named} the model itself as the reference, so the comparison would "
+                                "be with itself; pass --reference SOURCE.onnx (the uncompiled model) or --no-reference")
+        plans.append((model, saved, reference))
+    if args.out:  # before the long part, not after it; never over what the eval reads
+        reads = [f for model, _, reference in plans for m in (model, reference) if m is not None
+                 for f in input_files(m)]
+        check_output_dir(Path(args.out), reads + [args.data] + ([tokenizer_file(args.tokenizer)] if args.tokenizer else []))
+    runs = []
+    for model, saved, reference in plans:
         data = saved.get("data", {})
         source = compiler.data_source(args.data, args.tokenizer or data.get("tokenizer"),
                                       args.seq_len or data.get("seq_len", 256), args.windows)
-        reference = None if args.no_reference else (args.reference or saved.get("source"))
         runs.append(compiler.evaluate(model, source, reference))
     # several models: one report comparing them (report_page draws their sparsity/accuracy curve)
     result = runs[0] if len(runs) == 1 else {"schema": reports.SCHEMA, "kind": "eval-sweep", "sparsecc": __version__,
@@ -245,9 +259,11 @@ def _simulate(args) -> dict:
     if args.tokens < 2 or args.windows < 1:
         raise SparseccError("--tokens must be at least 2 and --windows at least 1")
     out = Path(args.out) if args.out else folder / "simulation"
-    check_output_dir(out)
     saved = compiler.compiled_config(folder / "model.onnx").get("data", {})
     tokenizer = args.tokenizer or saved.get("tokenizer")
+    # DIR's own files (model, placement, target, ...) and the text: -o DIR would replace them
+    reads = [*(p for p in folder.iterdir() if p.is_file()), *input_files(folder / "model.onnx"), args.data]
+    check_output_dir(out, reads + ([tokenizer_file(tokenizer)] if tokenizer else []))
     source = compiler.data_source(args.data, tokenizer, args.tokens, args.windows)
     positions = tuple(args.positions or ())
     if positions and (min(positions) < 0 or args.position_tokens < 1):
@@ -327,16 +343,13 @@ def _sweep(args) -> dict:
     return report
 
 
-def _exit_on_signal(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so temporary folders are removed
-
-
 def main(argv: list[str] | None = None) -> int:
-    if threading.current_thread() is threading.main_thread():
-        for name in ("SIGTERM", "SIGHUP"):  # SIGHUP: the terminal closed
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), _exit_on_signal)
-    args = build_parser().parse_args(argv)
+    signals.install(("SIGTERM", "SIGHUP"))  # unwind like Ctrl-C (the entry point handles SIGINT too)
+    try:
+        args = build_parser().parse_args(argv)   # imports every pass: a while
+    except KeyboardInterrupt:
+        print("sparsecc: interrupted while starting; no output written", file=sys.stderr)
+        return 130
     progress.set_verbosity(0 if args.quiet or args.json else 1 + args.verbose)
     try:
         result = {"compile": _compile, "eval": _eval, "simulate": _simulate, "list": _list,
@@ -353,10 +366,19 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (e.g. piped into `head`): not an error
         sys.stdout = open(os.devnull, "w")
         return 0
+    except OSError as exc:  # a write outside the output folder (TMPDIR's model copy, the cache) failed
+        error = write_error(exc, "a temporary file", within=Path(tempfile.gettempdir()), fix=f"free some space or raise the limit "
+                            f"(temporary files go to {tempfile.gettempdir()}: set TMPDIR to move them)")
+        if error is None or args.verbose:
+            raise
+        print(f"sparsecc: error: {error}", file=sys.stderr)
+        return error.exit_code
     if args.json:
         print(reports.dumps(result), end="")
     return 1 if args.command == "sweep" and result["sweep"]["failed"] else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sparsecc.__main__ import main as entry
+
+    sys.exit(entry())

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
-import yaml
 
 from sparsecc import __version__, model_io, pipeline as pipelines
 from sparsecc import report as reports, report_page
@@ -79,8 +78,8 @@ def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration
 
     calibration = as_feed_source(calibration)
     model_path = Path(model_path).resolve()
-    if out is not None:
-        model_io.check_output_dir(Path(out))  # fail before the expensive part
+    if out is not None:  # fail before the expensive part; never over what this compile reads
+        model_io.check_output_dir(Path(out), [*model_io.input_files(model_path), *reads(calibration, cache_dir)])
     if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise SparseccError(f"cache path {cache_dir} is a file; pass a folder with --cache-dir or use --no-cache")
     backend = backends.get(target)
@@ -125,6 +124,11 @@ def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration
     return CompileResult(model, report, timings)
 
 
+def reads(source: FeedSource | None, cache_dir: Path | None = None) -> list[Path]:
+    """What a command reads besides its model: the data's files and tokenizer, the cache."""
+    return [*(source.paths() if source is not None else []), *([Path(cache_dir)] if cache_dir is not None else [])]
+
+
 def _site_rows(model: ir.Model) -> list[dict]:
     """Every linear site, with its layer (None where no layers repeat) and label, found from structure."""
     from sparsecc.site_names import site_labels, site_layers
@@ -139,10 +143,7 @@ def compiled_config(model_path: Path) -> dict[str, Any]:
     path = model_path.parent / CONFIG
     if not path.is_file():
         return {}
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise SparseccError(f"{path} is not valid YAML; pass --tokenizer/--reference explicitly or rewrite it") from None
+    spec = pipelines.read_yaml(path, "compiled model's configuration", "pass --tokenizer/--reference explicitly or rewrite it")
     return spec if isinstance(spec, dict) else {}
 
 

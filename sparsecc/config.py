@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from sparsecc.errors import SparseccError
+from sparsecc.errors import SparseccError, excerpt
 
 
 def option(default: Any, doc: str, within: str | None = None) -> Any:
@@ -94,7 +94,7 @@ def _coerce(info: FieldInfo, value: Any, where: str) -> Any:
         return None
     if info.choices:
         if value not in info.choices:
-            raise SparseccError(f"{where}: {info.name} must be one of {', '.join(map(str, info.choices))} (got {value!r})")
+            raise SparseccError(f"{where}: {info.name} must be one of {', '.join(map(str, info.choices))} (got {excerpt(value)})")
         return value
     for target in allowed:
         if target is bool and isinstance(value, bool):
@@ -112,7 +112,7 @@ def _coerce(info: FieldInfo, value: Any, where: str) -> Any:
                 continue
         if target is str and isinstance(value, str):
             return value
-    raise SparseccError(f"{where}: {info.name} must be {info.type_name()} (got {value!r})")
+    raise SparseccError(f"{where}: {info.name} must be {info.type_name()} (got {excerpt(value)})")
 
 
 def build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -120,7 +120,7 @@ def build(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise SparseccError(f"{where}: unknown option {unknown[0]!r}; valid options: {', '.join(known) or 'none'}")
+        raise SparseccError(f"{where}: unknown option {excerpt(unknown[0])}; valid options: {', '.join(known) or 'none'}")
     values = {k: _coerce(known[k], v, where) for k, v in values.items()}
     try:
         check_ranges(cls, values)

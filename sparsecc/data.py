@@ -17,7 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsecc.errors import SparseccError
+from sparsecc.errors import SparseccError, one_line
+
+# Text holding more of these (C0 controls but tab, newline, carriage return, form feed, vertical
+# tab) than this share is binary data that happens to decode, not text to calibrate on.
+_CONTROLS = {chr(c) for c in range(32) if chr(c) not in "\t\n\r\f\v"}
+MAX_CONTROL_SHARE = 0.001
 
 
 class Tokenizer:
@@ -28,21 +33,26 @@ class Tokenizer:
         path = Path(path)
         if not path.exists():
             raise SparseccError(f"tokenizer not found: {path}; pass a tokenizer.json, a folder holding one, or a .gguf file")
-        self.path = path
+        self.path = self.file = path
         if path.suffix == ".gguf":
             self._encode = self._load_gguf(path)
         else:
             file = path / "tokenizer.json" if path.is_dir() else path
             if not file.is_file():
                 raise SparseccError(f"no tokenizer.json in {path}; pass a tokenizer.json, a folder holding one, or a .gguf file")
+            self.file = file
             from tokenizers import Tokenizer as HFTokenizer
             try:
                 tok = HFTokenizer.from_file(str(file))
             except Exception as exc:
                 raise SparseccError(f"cannot read tokenizer {file}: {str(exc).splitlines()[0]}; "
                                     "pass a valid tokenizer.json (as saved by the tokenizers library)") from None
+            unknown = _unknown_token(file)
+            if unknown is not None and tok.token_to_id(unknown) is None:
+                raise SparseccError(f"tokenizer {file} names {unknown!r} as its unknown token but its vocabulary "
+                                    "lacks it; add it to the vocabulary or fix model.unk_token")
             self._encode = lambda text, special: tok.encode(text, add_special_tokens=special).ids
-        with_special, plain = self._encode("a", True), self._encode("a", False)
+        with_special, plain = self.encode_ids("a", True), self.encode_ids("a", False)
         extra = len(with_special) - len(plain)
         self.bos_id = with_special[0] if extra > 0 and with_special[extra:] == plain else None
 
@@ -52,13 +62,42 @@ class Tokenizer:
             from transformers import AutoTokenizer
         except ImportError:
             raise SparseccError("reading a tokenizer from .gguf needs transformers and gguf: "
-                                "pip install 'sparsecc[gguf]'") from None
+                                "pip install 'sparsecc[export]'") from None
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         return lambda text, special: tok(text, add_special_tokens=special)["input_ids"]
 
+    def encode_ids(self, text: str, special: bool) -> list[int]:
+        try:
+            return self._encode(text, special)
+        except Exception as exc:   # the Rust library's errors
+            raise SparseccError(f"tokenizer {self.path} cannot encode text ({one_line(str(exc).split(chr(10))[0])[:160]}); "
+                                "fix the tokenizer (e.g. its unknown token must be in its vocabulary)") from None
+        except BaseException as exc:
+            if type(exc).__name__ != "PanicException":   # pyo3's panics derive from BaseException
+                raise
+            raise SparseccError(f"tokenizer {self.path} cannot encode text (it panicked: {one_line(str(exc))[:160]}); "
+                                "fix the tokenizer (e.g. its unknown token must be in its vocabulary)") from None
+
     def encode(self, text: str) -> np.ndarray:
         """Token ids of `text` with no special tokens."""
-        return np.asarray(self._encode(text, False), dtype=np.int64)
+        return np.asarray(self.encode_ids(text, False), dtype=np.int64)
+
+
+def tokenizer_file(path: str | os.PathLike) -> Path:
+    """The file a tokenizer path names: its folder's tokenizer.json, or the file itself."""
+    path = Path(path)
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
+def _unknown_token(file: Path) -> str | None:
+    """The unknown token a tokenizer.json's model names (None: it has none)."""
+    import json
+
+    try:
+        unknown = json.loads(file.read_text(encoding="utf-8")).get("model", {}).get("unk_token")
+    except (ValueError, AttributeError):
+        return None
+    return unknown if isinstance(unknown, str) else None
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -78,10 +117,23 @@ def read_text(path: str | os.PathLike) -> str:
             parts.append(file.read_text(encoding="utf-8"))
         except UnicodeDecodeError as exc:
             raise SparseccError(f"{file} is not UTF-8 text (bad byte at offset {exc.start}); convert it to UTF-8") from None
+        _check_is_text(file, parts[-1])
     text = "\n".join(parts)
     if not text.strip():
         raise SparseccError(f"{path} holds no text; give a non-empty text file")
     return text
+
+
+def _check_is_text(file: Path, text: str) -> None:
+    """Refuse binary data that decodes as UTF-8 (NUL bytes, control codes): its windows would
+    calibrate thresholds on noise."""
+    if "\x00" in text:
+        raise SparseccError(f"{file} holds NUL bytes at offset {text.index(chr(0))}: binary data, not text; "
+                            "give a UTF-8 text file")
+    controls = sum(text.count(c) for c in _CONTROLS)
+    if controls > MAX_CONTROL_SHARE * len(text):
+        raise SparseccError(f"{file} holds {controls} control characters in {len(text)}: binary data, not text; "
+                            "give a UTF-8 text file")
 
 
 class FeedSource:
@@ -98,6 +150,10 @@ class FeedSource:
 
     def describe(self) -> dict:
         return {"kind": type(self).__name__}
+
+    def paths(self) -> list[Path]:
+        """The files and folders the data is read from (an output must not replace them)."""
+        return []
 
     def with_windows(self, limit: int | None) -> FeedSource:
         """The same data with another window count (None: every window there is); sources
@@ -164,6 +220,9 @@ class TextWindows(FeedSource):
     def with_windows(self, limit):
         return TextWindows(self.path, self.tokenizer, self.seq_len, limit)
 
+    def paths(self):
+        return [self.path, self.tokenizer.file]
+
     def describe(self) -> dict:
         return {"kind": "text", "path": str(self.path), "tokenizer": str(self.tokenizer.path),
                 "seq_len": self.seq_len, "windows": len(self.rows), "tokens": int(self.rows.size),
@@ -183,6 +242,10 @@ class NpzFeeds(FeedSource):
         except Exception as exc:
             raise SparseccError(f"{self.path} is not a readable .npz ({type(exc).__name__}); "
                                 "save feeds with numpy.savez") from None
+        scalar = next((k for k, a in self.arrays.items() if a.ndim == 0), None)
+        if scalar is not None:
+            raise SparseccError(f"{self.path}: {scalar!r} is a 0-d array (one number, no samples); each array "
+                                "needs samples on axis 0, e.g. shape [samples, rows, features]")
         counts = {len(a) for a in self.arrays.values()}
         if len(counts) != 1 or 0 in counts:
             raise SparseccError(f"{self.path}: every array needs the same, non-zero number of samples on axis 0")
@@ -214,6 +277,9 @@ class NpzFeeds(FeedSource):
 
     def with_windows(self, limit):
         return NpzFeeds(self.path, limit)
+
+    def paths(self):
+        return [self.path]
 
 
 class IterableFeeds(FeedSource):
@@ -258,6 +324,9 @@ class MixedFeeds(FeedSource):
 
     def with_windows(self, limit):
         return MixedFeeds([s.with_windows(limit) for s in self.sources])
+
+    def paths(self):
+        return [p for s in self.sources for p in s.paths()]
 
 
 def as_feed_source(data: FeedSource | Iterable[dict] | object | None) -> FeedSource | None:

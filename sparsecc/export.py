@@ -170,7 +170,7 @@ def export(source: str | Path, out: str | Path, check_tokens: int = 16, seed: in
 def _export(source, out, check_tokens: int, seed: int, text) -> dict:
     if not 2 <= check_tokens <= MAX_PAST:
         raise SparseccError(f"check_tokens must be between 2 and {MAX_PAST} (got {check_tokens}); e.g. --check-tokens 16")
-    check_output_dir(Path(out))   # before the slow load
+    check_output_dir(Path(out), [source, *([text] if text is not None else [])])   # before the slow load
     tokens = check_tokens_from_text(source, text, check_tokens) if text is not None else None
     log(f"export: loading {source}")
     lm, tokenizer = load_causal_lm(source)

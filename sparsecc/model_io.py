@@ -8,13 +8,15 @@ moved into place only once complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
+import math
 import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from sparsecc.errors import SparseccError
+from sparsecc.errors import SparseccError, excerpt
 
 MIN_OPSET = 17
 # Above this many bytes of weights a model is saved with its tensors in `<name>.data` beside
@@ -54,16 +56,52 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         what = f"opset {opset}" if opset > newest else f"IR version {model.ir_version}"
         raise SparseccError(f"{path} uses {what}, newer than onnx {onnx.__version__} knows (opset {newest}, IR "
                             f"version {onnx.IR_VERSION}); re-export it for opset {newest} or upgrade onnx and onnxruntime")
-    _check_external_data(model, path.parent.resolve())
+    _check_external_data(model, path.parent.resolve(), path.resolve())
+    _check_tensor_sizes(model)
     return model
 
 
-def _check_external_data(model: ir.Model, base: Path) -> None:
+def _check_tensor_sizes(model: ir.Model) -> None:
+    """Every initializer holds the bytes its header declares (dims of 2^40 over a few bytes
+    would crash a save or a read much later), and no linear layer's weight is empty."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or tensor.dtype in (ir.DataType.STRING, ir.DataType.UNDEFINED):  # no fixed width
+            continue
+        declared = -(-math.prod(tensor.shape.numpy()) * tensor.dtype.bitwidth // 8)
+        held = _held_bytes(tensor)
+        if held is None and not isinstance(tensor, ir.ExternalTensor) and declared >= 2**31:
+            held = "at most 2 GiB (an inline tensor's protobuf limit), so fewer"
+        if held is not None and held != declared:
+            raise SparseccError(f"initializer {value.name!r} declares shape {list(tensor.shape.numpy())} "
+                                f"({declared} bytes) but holds {held} bytes: a corrupt tensor header; re-export the model")
+        if declared == 0 and any(use.node.op_type in ("MatMul", "Gemm") for use in value.uses()):
+            raise SparseccError(f"initializer {value.name!r} (a {value.uses()[0].node.op_type} weight) has shape "
+                                f"{list(tensor.shape.numpy())}: no elements; re-export the model with a real weight")
+
+
+def _held_bytes(tensor: ir.TensorProtocol) -> int | None:
+    """The bytes an initializer really has (None where only decoding would tell)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        return tensor.length
+    proto = getattr(tensor, "raw", None)
+    if isinstance(proto, onnx.TensorProto) and proto.HasField("raw_data"):
+        return len(proto.raw_data)
+    return None
+
+
+def _check_external_data(model: ir.Model, base: Path, model_file: Path) -> None:
     for value in model.graph.initializers.values():
         tensor = value.const_value
         if not isinstance(tensor, ir.ExternalTensor):
             continue
+        if "\x00" in tensor.location or not tensor.location:
+            raise SparseccError(f"initializer {value.name!r} names an invalid external-data location "
+                                f"({excerpt(tensor.location)}); re-export the model with its data beside it")
         location = (base / tensor.location).resolve()
+        if location == model_file:
+            raise SparseccError(f"initializer {value.name!r} reads its external data from the model file itself "
+                                f"({tensor.location}); re-export the model with its data in a file of its own")
         if os.path.isabs(tensor.location) or not location.is_relative_to(base):
             raise SparseccError(f"initializer {value.name!r} points outside the model's folder "
                                 f"({tensor.location}); refusing to read it: keep external data beside the model")
@@ -141,6 +179,19 @@ def model_files(path: str | os.PathLike) -> list[Path]:
     return [path, *(path.parent / location for location in sorted(locations))]
 
 
+def input_files(path: str | os.PathLike) -> list[Path]:
+    """The model file at `path` and the external-data files it names, read without loading
+    the weights (the files an output must not replace; [path] if it cannot be read)."""
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a model: loading it reports that, later
+        return [path]
+    locations = {entry.value for tensor in proto.graph.initializer for entry in tensor.external_data
+                 if entry.key == "location" and "\x00" not in entry.value}
+    return [path, *(path.parent / location for location in sorted(locations))]
+
+
 def fingerprint(files: list[Path]) -> str:
     """sha256 over the bytes of `files`: identifies a saved model for caching."""
     digest = hashlib.sha256()
@@ -154,13 +205,61 @@ def fingerprint(files: list[Path]) -> str:
 MARKER = "report.json"  # a folder holding this was written by sparsecc and may be replaced
 
 
-def check_output_dir(out: Path) -> None:
-    """Fail before any work when `out` cannot be (re)placed."""
+def check_output_dir(out: str | os.PathLike, reads: Iterable[str | os.PathLike] = (), marker: str = MARKER,
+                     what: str = "output folder") -> None:
+    """Fail, in one line and before any work, when `out` cannot be (re)placed: it is a file, a
+    folder not written by sparsecc (no `marker`), the current folder or one holding it (`-o .`,
+    `-o ""`), under a file, or somewhere this process cannot write; or when it is, holds, or
+    lies in a folder of what the command reads (`reads`: models, their external data, data,
+    tokenizers, pipeline files), which replacing it would destroy."""
+    out = Path(out)
+    here, target = Path.cwd().resolve(), out.resolve()
+    if here.is_relative_to(target):
+        raise SparseccError(f"{what} {out} is the current folder or holds it; "
+                            "name a new folder with -o, e.g. -o out")
     if out.exists() and not out.is_dir():
         raise SparseccError(f"output path {out} is a file; choose a folder with -o")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise SparseccError(f"output folder {out} exists and was not written by sparsecc; "
+    for read in reads:
+        source = Path(read).resolve()
+        if source.is_relative_to(target) or (source.is_dir() and target.is_relative_to(source)):
+            where = "is" if source == target else "holds" if source.is_relative_to(target) else "is inside"
+            raise SparseccError(f"{what} {out} {where} {read}, which this command reads: writing it would "
+                                "destroy its own input; choose another -o")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise SparseccError(f"{what} {out} exists and was not written by sparsecc; "
                             "choose another -o or empty it")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SparseccError(f"cannot create {what} {out}: {parent} is a file, not a folder; choose another -o")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only(parent) else "permission denied"
+        raise SparseccError(f"cannot write {what} {out}: {parent} is not writable ({reason}); choose another -o")
+
+
+def _read_only(folder: Path) -> bool:
+    return bool(getattr(os, "ST_RDONLY", 0) and os.statvfs(folder).f_flag & os.ST_RDONLY)
+
+
+# Errors of writing a file that no retry fixes: disk full, quota, file-size limit (ulimit -f:
+# Python ignores SIGXFSZ, so the write fails with EFBIG), read-only or forbidden folder.
+WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EFBIG: "a file exceeds the file-size limit (ulimit -f)", errno.EROFS: "read-only file system",
+                errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+
+
+def write_error(exc: BaseException, what: str | os.PathLike, within: Path | None = None,
+                fix: str = "free some space, raise the limit or choose another -o") -> SparseccError | None:
+    """The one-line error for `exc` when it is a failed write of `what` (None for any other
+    error), e.g. `cannot write out/model.onnx: no space left on the device; ...`. A permission
+    error counts only on a file `within` that folder (else it was a read)."""
+    if not isinstance(exc, OSError) or exc.errno not in WRITE_ERRORS:
+        return None
+    if exc.errno in (errno.EACCES, errno.EPERM) and within is not None and exc.filename is not None \
+            and not Path(os.fsdecode(exc.filename)).resolve().is_relative_to(within.resolve()):
+        return None
+    return SparseccError(f"cannot write {exc.filename or what}: {WRITE_ERRORS[exc.errno]}; {fix}")
 
 
 @contextlib.contextmanager
@@ -198,19 +297,33 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     on any failure (SIGINT included) it is removed and `out` is left as it was."""
     out = Path(out)
     check_output_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with scratch_dir(f".{out.name}.tmp-", out.parent) as tmp:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
-        yield tmp
-        with scratch_dir(f".{out.name}.old-", out.parent) as old:
-            if out.exists():
-                out.rename(old / "x")
-            try:
-                tmp.rename(out)
-            except BaseException:
-                if (old / "x").exists():  # put the previous output back
-                    (old / "x").rename(out)
-                raise
+    with write_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with scratch_dir(f".{out.name}.tmp-", out.parent) as tmp:
+            tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
+            yield tmp
+            with scratch_dir(f".{out.name}.old-", out.parent) as old:
+                if out.exists():
+                    out.rename(old / "x")
+                try:
+                    tmp.rename(out)
+                except BaseException:
+                    if (old / "x").exists():  # put the previous output back
+                        (old / "x").rename(out)
+                    raise
+
+
+@contextlib.contextmanager
+def write_errors(out: Path) -> Iterator[None]:
+    """Turn a failed write under `out`'s folder (disk full, file-size limit, read-only) into
+    its one-line SparseccError; the temporary files are gone by then (removed on the way out)."""
+    try:
+        yield
+    except OSError as exc:
+        error = write_error(exc, out, within=out.parent)
+        if error is None:
+            raise
+        raise error from None
 
 
 def _umask() -> int:
@@ -224,15 +337,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     it into place: readers (other processes too) see the old file or the whole new one, never
     a part; an interrupted write leaves nothing."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
     try:
-        with signals_held():
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the file is an ordinary one
-        os.replace(tmp, path)
+        with write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with signals_held():
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the file is an ordinary one
+            os.replace(tmp, path)
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from sparsecc import config as cfg
-from sparsecc.errors import SparseccError
+from sparsecc.errors import SparseccError, excerpt
 from sparsecc.pass_manager import Pass
 
 SCHEMA = "sparsecc.pipeline/1"
@@ -65,7 +65,7 @@ def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_cons
     if distill_options and not distill_steps:
         raise SparseccError("distill options given without distill steps: add --distill-steps N")
     if quant is not None and quant not in QUANT:
-        raise SparseccError(f"unknown weight quantization {quant!r}; choose one of {', '.join(QUANT)}")
+        raise SparseccError(f"unknown weight quantization {excerpt(quant)}; choose one of {', '.join(QUANT)}")
     if quant in EVENTS8 and not thresholds:
         raise SparseccError(f"--quant {quant} calibrates int8 events: pass --calib (text + --tokenizer, or an .npz)")
     extras = (weight_scores or compensate_rank or finetune_steps or distill_steps or search_options
@@ -101,7 +101,7 @@ def _search(name: str, sparsity: float, mode: str, refine: int, options: dict[st
     from sparsecc import passes
 
     if name not in SEARCHES:
-        raise SparseccError(f"unknown search {name!r}; choose one of {', '.join(SEARCHES)}")
+        raise SparseccError(f"unknown search {excerpt(name)}; choose one of {', '.join(SEARCHES)}")
     cls = passes.get(name)
     known = {f.name for f in cfg.fields(cls.Config)}
     if mode != "mac-weighted" and "mode" not in known:
@@ -135,11 +135,11 @@ def from_options(options: dict[str, Any], thresholds: bool, where: str = "") -> 
     at = f"{where}: " if where else ""
     unknown = sorted(set(options) - set(option_names()))
     if unknown:
-        raise SparseccError(f"{at}unknown option {unknown[0]!r}; valid options: {', '.join(option_names())}")
+        raise SparseccError(f"{at}unknown option {excerpt(unknown[0])}; valid options: {', '.join(option_names())}")
     for key, kind in PIPELINE_FLAGS.items():
         value = options.get(key)
         if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-            raise SparseccError(f"{at}{key} must be {'a mapping' if kind is dict else kind.__name__} (got {value!r})")
+            raise SparseccError(f"{at}{key} must be {'a mapping' if kind is dict else kind.__name__} (got {excerpt(value)})")
     configs = {}
     for name in FLAG_PASSES:
         cls = passes.get(name)
@@ -169,10 +169,10 @@ def from_spec(spec: Any, where: str = "pipeline") -> tuple[list[Pass], dict[str,
     if not isinstance(spec, dict) or not isinstance(spec.get("passes"), list):
         raise SparseccError(f"{where}: expected a mapping with a `passes:` list (schema {SCHEMA})")
     if spec.get("schema", SCHEMA) != SCHEMA:
-        raise SparseccError(f"{where}: unsupported schema {spec['schema']!r}; this sparsecc reads {SCHEMA}")
+        raise SparseccError(f"{where}: unsupported schema {excerpt(spec['schema'])}; this sparsecc reads {SCHEMA}")
     unknown = sorted(set(spec) - {"schema", "passes", "data", "sparsecc", "source"})
     if unknown:
-        raise SparseccError(f"{where}: unknown key {unknown[0]!r}; valid keys: schema, passes, data")
+        raise SparseccError(f"{where}: unknown key {excerpt(unknown[0])}; valid keys: schema, passes, data")
     built = []
     for i, item in enumerate(spec["passes"], 1):
         if isinstance(item, str):
@@ -180,7 +180,7 @@ def from_spec(spec: Any, where: str = "pipeline") -> tuple[list[Pass], dict[str,
         if not isinstance(item, dict) or not isinstance(item.get("pass"), str):
             raise SparseccError(f"{where}: passes[{i}] needs a `pass:` name")
         if not isinstance(item.get("id", ""), (str, type(None))):
-            raise SparseccError(f"{where}: passes[{i}]: `id` must be a string (got {item['id']!r})")
+            raise SparseccError(f"{where}: passes[{i}]: `id` must be a string (got {excerpt(item['id'])})")
         options = {k: v for k, v in item.items() if k not in ("pass", "id")}
         cls = passes.get(item["pass"])
         built.append(cls(cfg.build(cls.Config, options, f"{where}: {item['pass']}"), id=item.get("id")))
@@ -196,21 +196,69 @@ def check_data(data: Any, where: str) -> dict[str, Any]:
         ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
         if value is not None and (not ok or isinstance(value, bool)):
             what = {str: "a path", int: "an integer", float: "a number"}[kind]
-            raise SparseccError(f"{where}: data: {key} must be {what} (got {value!r})")
+            raise SparseccError(f"{where}: data: {key} must be {what} (got {excerpt(value)})")
     return data
 
 
-def read_yaml(path: str | os.PathLike, what: str) -> Any:
-    """The parsed YAML file at `path` (`what` it is, for the error when it is missing)."""
+# Bounds on a YAML file (pipeline, sweep, config.yaml): real ones are a few KiB, a few hundred
+# values and a few levels deep. Aliases can make a small file expand to billions of values
+# ("billion laughs"), and nesting thousands deep overflows the parser's recursion.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+
+
+def read_yaml(path: str | os.PathLike, what: str, fix: str = "fix the file") -> Any:
+    """The parsed YAML file at `path` (`what` it is, for the errors; `fix`, what to do about
+    a malformed one), refused in one line when it is too large, nested too deep or expands
+    (through aliases) to too many values."""
     path = Path(path)
     if not path.is_file():
         raise SparseccError(f"{what} not found: {path}; check the path")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise SparseccError(f"{what} {path} is {size} bytes, more than the {MAX_YAML_BYTES} a {what} can be; "
+                            "check the path (a pipeline or sweep file is a few KiB)")
+    loader = None
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node) > MAX_YAML_VALUES:
+            raise SparseccError(f"{what} {path} expands to more than {MAX_YAML_VALUES} values (through YAML "
+                                "aliases, or an alias inside its own anchor); write the values out instead")
+        return None if node is None else loader.construct_document(node)
+    except RecursionError:
+        raise SparseccError(f"{what} {path} is nested too deeply to read; flatten it") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         at = f" at line {line + 1}" if line is not None else ""
-        raise SparseccError(f"{path} is not valid YAML{at}; fix the file") from None
+        raise SparseccError(f"{path} is not valid YAML{at}; {fix}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values the document of `root` holds with every alias expanded, counted without
+    expanding (an alias shares its anchor's node: each node's size is computed once); stops
+    early past MAX_YAML_VALUES."""
+    sizes: dict[int, int] = {}
+    started: set[int] = set()
+    stack = [(root, False)]
+    while stack:   # iterative post-order: a deep document cannot overflow this
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = [] if isinstance(node, yaml.ScalarNode) else \
+            [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else list(node.value)
+        if children_done:
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), MAX_YAML_VALUES + 1)
+        elif id(node) in started:   # an alias inside its own anchor: it never ends
+            return MAX_YAML_VALUES + 1
+        else:
+            started.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
 
 
 def load(path: str | os.PathLike) -> tuple[list[Pass], dict[str, Any]]:

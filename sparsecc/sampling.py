@@ -21,7 +21,7 @@ import numpy as np
 
 from sparsecc.data import FeedSource, feeds_for_ids
 from sparsecc.errors import SparseccError
-from sparsecc.progress import bar
+from sparsecc.progress import bar, log
 
 
 def open_threshold(node, x, t):
@@ -68,6 +68,18 @@ def _draw(logits: np.ndarray, temperature: float, uniform: np.ndarray) -> np.nda
     return np.minimum((cdf < u[:, None]).sum(axis=-1), z.shape[-1] - 1)
 
 
+def _read_rows(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """Cached sampled windows of exactly `shape`, or None (with a warning) for a bad entry."""
+    try:
+        rows = np.load(path, allow_pickle=False)
+        if rows.shape == shape and rows.dtype == np.int64:
+            return rows
+    except Exception:   # truncated or corrupt: recomputed
+        pass
+    log(f"warning: cached samples {path} are unreadable (corrupt or truncated); sampling again")
+    return None
+
+
 class SampledWindows(FeedSource):
     """`count` windows sampled from the model at `model_path` (see sample_windows), every one
     started with `first_token` (the tokenizer's BOS). Generated on first use, cached under
@@ -97,8 +109,8 @@ class SampledWindows(FeedSource):
     def rows(self) -> np.ndarray:
         if self._rows is None:
             if self.cache is not None and self.cache.is_file():
-                self._rows = np.load(self.cache)
-            else:
+                self._rows = _read_rows(self.cache, (self.count, self.seq_len))
+            if self._rows is None:
                 from sparsecc import model_io
                 from sparsecc.torch_eval import TorchGraph
 

@@ -52,8 +52,9 @@ from typing import Any
 
 from sparsecc import __version__, compiler, pipeline as pipelines, progress
 from sparsecc import report as reports, report_page
-from sparsecc.errors import SparseccError
-from sparsecc.model_io import atomic_dir, atomic_write, fingerprint
+from sparsecc.data import tokenizer_file
+from sparsecc.errors import SparseccError, excerpt
+from sparsecc.model_io import atomic_dir, atomic_write, check_output_dir, fingerprint
 
 SCHEMA = "sparsecc.sweep/1"
 KEYS = ("schema", "models", "data", "eval", "simulate", "compile", "grid", "cells", "retries")
@@ -80,10 +81,10 @@ def cells_of(spec: Any, where: str, cache_dir: Path | None = None) -> list[dict]
         raise SparseccError(f"{where}: expected a mapping with models:, data:, eval: and grid: or cells: "
                             f"(schema {SCHEMA})")
     if spec.get("schema", SCHEMA) != SCHEMA:
-        raise SparseccError(f"{where}: unsupported schema {spec['schema']!r}; this sparsecc reads {SCHEMA}")
+        raise SparseccError(f"{where}: unsupported schema {excerpt(spec['schema'])}; this sparsecc reads {SCHEMA}")
     unknown = sorted(set(spec) - set(KEYS))
     if unknown:
-        raise SparseccError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(KEYS)}")
+        raise SparseccError(f"{where}: unknown key {excerpt(unknown[0])}; valid keys: {', '.join(KEYS)}")
     models = _models(spec.get("models"), where)
     data = pipelines.check_data(spec.get("data") or {}, where)
     _exist(data, ("calib", "tokenizer"), f"{where}: data")
@@ -92,7 +93,7 @@ def cells_of(spec: Any, where: str, cache_dir: Path | None = None) -> list[dict]
     simulation = _simulate(_mapping(spec, "simulate", where), evaluation, where)
     retries = spec.get("retries", 2)
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-        raise SparseccError(f"{where}: retries must be an integer 0 or more (got {retries!r})")
+        raise SparseccError(f"{where}: retries must be an integer 0 or more (got {excerpt(retries)})")
     configs = _configs(spec, where)
     cells = []
     for model_name, model in models.items():
@@ -106,14 +107,14 @@ def cells_of(spec: Any, where: str, cache_dir: Path | None = None) -> list[dict]
     names = [c["name"] for c in cells]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise SparseccError(f"{where}: two cells are named {twice[0]!r}; give list cells distinct `name:`s")
+        raise SparseccError(f"{where}: two cells are named {excerpt(twice[0])}; give list cells distinct `name:`s")
     return cells
 
 
 def _mapping(spec: dict, key: str, where: str) -> dict:
     value = spec.get(key) or {}
     if not isinstance(value, dict):
-        raise SparseccError(f"{where}: {key}: must be a mapping (got {value!r})")
+        raise SparseccError(f"{where}: {key}: must be a mapping (got {excerpt(value)})")
     return value
 
 
@@ -121,7 +122,7 @@ def _types(values: dict, kinds: dict, where: str) -> None:
     for key, value in values.items():
         kind = kinds[key]
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            raise SparseccError(f"{where}: {key} must be {'a path' if kind is str else 'an integer'} (got {value!r})")
+            raise SparseccError(f"{where}: {key} must be {'a path' if kind is str else 'an integer'} (got {excerpt(value)})")
     _exist(values, [k for k, kind in kinds.items() if kind is str], where)
 
 
@@ -138,9 +139,9 @@ def _models(models: Any, where: str) -> dict[str, str]:
     out = {}
     for name, path in models.items():
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-            raise SparseccError(f"{where}: models: name {name!r} must be letters, digits, '.', '_' or '-'")
+            raise SparseccError(f"{where}: models: name {excerpt(name)} must be letters, digits, '.', '_' or '-'")
         if not isinstance(path, str) or not Path(path).is_file():
-            raise SparseccError(f"{where}: models: {name}: model file {path!r} not found; check the path")
+            raise SparseccError(f"{where}: models: {name}: model file {excerpt(path)} not found; check the path")
         out[name] = str(Path(path).resolve())
     return out
 
@@ -148,7 +149,7 @@ def _models(models: Any, where: str) -> dict[str, str]:
 def _eval(spec: dict, data: dict, where: str) -> dict:
     unknown = sorted(set(spec) - set(EVAL_KEYS))
     if unknown:
-        raise SparseccError(f"{where}: eval: unknown key {unknown[0]!r}; valid keys: {', '.join(EVAL_KEYS)}")
+        raise SparseccError(f"{where}: eval: unknown key {excerpt(unknown[0])}; valid keys: {', '.join(EVAL_KEYS)}")
     if not spec.get("ppl"):
         raise SparseccError(f"{where}: eval: needs ppl: the held-out text (or .npz of feeds) each cell is evaluated on")
     _types(spec, EVAL_KEYS, f"{where}: eval")
@@ -159,7 +160,7 @@ def _eval(spec: dict, data: dict, where: str) -> dict:
 def _simulate(spec: dict, evaluation: dict, where: str) -> dict:
     unknown = sorted(set(spec) - set(SIMULATE_KEYS))
     if unknown:
-        raise SparseccError(f"{where}: simulate: unknown key {unknown[0]!r}; valid keys: {', '.join(SIMULATE_KEYS)}")
+        raise SparseccError(f"{where}: simulate: unknown key {excerpt(unknown[0])}; valid keys: {', '.join(SIMULATE_KEYS)}")
     _types(spec, SIMULATE_KEYS, f"{where}: simulate")
     out = {"text": evaluation["ppl"], "tokenizer": evaluation["tokenizer"], "tokens": 64, "windows": 1} | spec
     if out["tokens"] < 2 or out["windows"] < 1:
@@ -179,18 +180,18 @@ def _configs(spec: dict, where: str) -> list[tuple[str, dict, str]]:
         raise SparseccError(f"{where}: no cells: give grid: (option: [values]) or cells: (a list)")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
-            raise SparseccError(f"{where}: grid: {key} must be a list of values (got {values!r})")
+            raise SparseccError(f"{where}: grid: {key} must be a list of values (got {excerpt(values)})")
     out = []
     for combo in itertools.product(*grid.values()) if grid else ():
         options = dict(zip(grid, combo))
         out.append((_label(options), base | options, "grid " + ", ".join(f"{k}={v}" for k, v in options.items())))
     for i, cell in enumerate(listed, 1):
         if not isinstance(cell, dict):
-            raise SparseccError(f"{where}: cells[{i}] must be a mapping of options (got {cell!r})")
+            raise SparseccError(f"{where}: cells[{i}] must be a mapping of options (got {excerpt(cell)})")
         options = {k: v for k, v in cell.items() if k != "name"}
         name = cell.get("name", _label(options))
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", name):
-            raise SparseccError(f"{where}: cells[{i}]: name {name!r} must be letters, digits, '.', '_', '=', '+' or '-'")
+            raise SparseccError(f"{where}: cells[{i}]: name {excerpt(name)} must be letters, digits, '.', '_', '=', '+' or '-'")
         out.append((name, base | options, f"cells[{i}]"))
     return out
 
@@ -220,17 +221,17 @@ def _cell(name: str, model: str, options: dict, data: dict, evaluation: dict, si
 
     unknown = sorted(set(options) - set(CELL_KEYS) - set(pipelines.option_names()))
     if unknown:
-        raise SparseccError(f"{where}: unknown option {unknown[0]!r}; valid options: "
+        raise SparseccError(f"{where}: unknown option {excerpt(unknown[0])}; valid options: "
                             f"{', '.join(CELL_KEYS + tuple(pipelines.option_names()))}")
     target = options.get("target", "ort")
     if not isinstance(target, str) or target not in backends.registry():
-        raise SparseccError(f"{where}: target must be one of {', '.join(backends.registry())} (got {target!r})")
+        raise SparseccError(f"{where}: target must be one of {', '.join(backends.registry())} (got {excerpt(target)})")
     flags = {k: v for k, v in options.items() if k not in CELL_KEYS}
     if "pipeline" in options:
         if flags:
             raise SparseccError(f"{where}: {next(iter(flags))} conflicts with pipeline; set pass options in the pipeline file")
         if not isinstance(options["pipeline"], str):
-            raise SparseccError(f"{where}: pipeline must be a path to a pipeline file (got {options['pipeline']!r})")
+            raise SparseccError(f"{where}: pipeline must be a path to a pipeline file (got {excerpt(options['pipeline'])})")
         passes, own = pipelines.load(options["pipeline"])
         data = compiler.resolved_data(own, data)    # the sweep's data over the pipeline file's
     else:
@@ -250,7 +251,7 @@ def _resources(spec: Any, where: str) -> dict:
     for key, value in out.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (key == "num_cpus" and value == 0):
             raise SparseccError(f"{where}: resources: {key} must be a number {'above' if key == 'num_cpus' else 'of'} "
-                                f"0{'' if key == 'num_cpus' else ' or more'} (got {value!r})")
+                                f"0{'' if key == 'num_cpus' else ' or more'} (got {excerpt(value)})")
     return out
 
 
@@ -345,6 +346,7 @@ def run_sweep(path: str | os.PathLike, out: str | os.PathLike, address: str | No
     cells = load(path, cache_dir)
     out = Path(out)
     _check_out(out)
+    check_output_dir(out, _reads(cells), marker=MARKER)   # the sweep file itself is copied in as is
     _import_ray(address)      # before anything is written
     atomic_write(out / MARKER, lambda f: f.write(Path(path).read_bytes()))
     records = {c["name"]: r for c in cells if (r := complete(c, out)) is not None}
@@ -361,6 +363,22 @@ def run_sweep(path: str | os.PathLike, out: str | os.PathLike, address: str | No
                        ("report.html", report_page.render(report)), ("timings.json", reports.dumps({"cells": timings}))):
         atomic_write(out / name, lambda f, text=text: f.write(text.encode("utf-8")))
     return report
+
+
+def _reads(cells: list[dict]) -> list[str]:
+    """Every model, data file, tokenizer and pipeline file the cells read."""
+    paths = set()
+    for cell in cells:
+        paths.add(cell["model"])
+        data = cell["pipeline"].get("data", {})
+        paths.update([data["calib"]] if data.get("calib") else [])
+        paths.update([str(tokenizer_file(data["tokenizer"]))] if data.get("tokenizer") else [])
+        for section in (cell["eval"], cell["simulate"] or {}):
+            paths.update(str(v) for k, v in section.items() if k in ("ppl", "text") and v)
+            paths.update(str(tokenizer_file(v)) for k, v in section.items() if k == "tokenizer" and v)
+        if isinstance(cell["options"].get("pipeline"), str):
+            paths.add(cell["options"]["pipeline"])
+    return sorted(paths)
 
 
 def _check_out(out: Path) -> None:

@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from sparsecc.errors import SparseccError
+from sparsecc.errors import SparseccError, excerpt
 
 SCHEMA = "sparsecc.target/1"
 BUILTIN_DIR = Path(__file__).parent / "targets"
@@ -60,19 +60,27 @@ def builtin() -> dict[str, Path]:
     return {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.toml"))}
 
 
+MAX_TARGET_BYTES = 1 << 20   # the built-in ones are a few KiB
+
+
 def load_target(name_or_path: str | os.PathLike) -> Target:
     """A built-in target by name, or a target file by path."""
     path = builtin().get(str(name_or_path)) or Path(name_or_path)
     if not path.is_file():
         raise SparseccError(f"unknown target {str(name_or_path)!r}: not a built-in ({', '.join(builtin())}) "
                             "nor a TOML file; see `sparsecc list targets`")
+    if path.stat().st_size > MAX_TARGET_BYTES:
+        raise SparseccError(f"target file {path} is {path.stat().st_size} bytes, more than a target file can be "
+                            f"({MAX_TARGET_BYTES}); check the path")
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SparseccError(f"target file {path} is not valid TOML ({str(exc).splitlines()[0]}); fix the file") from None
+    except RecursionError:
+        raise SparseccError(f"target file {path} is nested too deeply to read; fix the file") from None
     where = f"target file {path}"
     if doc.get("schema") != SCHEMA:
-        raise SparseccError(f"{where}: schema must be {SCHEMA!r} (got {doc.get('schema')!r})")
+        raise SparseccError(f"{where}: schema must be {SCHEMA!r} (got {excerpt(doc.get('schema'))})")
     values: dict[str, dict[str, Any]] = {}
     sources: dict[str, dict[str, str]] = {}
     for section, entries in ENTRIES.items():

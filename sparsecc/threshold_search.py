@@ -231,10 +231,18 @@ class Checkpoint:
         levels = dict.fromkeys(groups, start)
         if self.path is None or not self.path.is_file():
             return levels, []
-        saved = json.loads(self.path.read_text())
         by_label = {self.label(g): g for g in groups}
-        log(f"{self.prefix}: resuming a search of {len(saved['history'])} moves from {self.path.name}")
-        return levels | {by_label[k]: v for k, v in saved["levels"].items()}, saved["history"]
+        try:
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+            history, resumed = saved["history"], {by_label[k]: float(v) for k, v in saved["levels"].items()}
+            if not isinstance(history, list):
+                raise TypeError("history")
+        except Exception:   # truncated, corrupt or foreign: never resumed from
+            log(f"warning: {self.prefix}: checkpoint {self.path} is unreadable (corrupt or truncated); "
+                "starting the search afresh")
+            return levels, []
+        log(f"{self.prefix}: resuming a search of {len(history)} moves from {self.path.name}")
+        return levels | resumed, history
 
     def save(self, levels: dict, history: list) -> None:
         if self.path is None:
