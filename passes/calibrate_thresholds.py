@@ -7,29 +7,12 @@ from typing import Literal
 import onnx_ir as ir
 
 from sparsecc import compensation, ops
-from sparsecc.calibration import MAX_REFINE, AbsHistogram, collect, statistic
-from sparsecc.config import option
+from sparsecc.calibration import AbsHistogram, collect, statistic
+from sparsecc.flag_configs import CalibrateThresholdsConfig
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, require_calibration, require_thresholds
 from sparsecc.site_names import site_labels, threshold_labels
 from sparsecc.sites import Site, analyze
-
-
-@dataclasses.dataclass(frozen=True)
-class CalibrateThresholdsConfig:
-    sparsity: float = option(0.5, "target activation sparsity in [0, 1)")
-    mode: Literal["mac-weighted", "uniform"] = option(
-        "mac-weighted", "mac-weighted: one level for all thresholds such that the model-wide "
-        "1 - effective/dense MACs meets the target, counting naturally sparse sites; "
-        "uniform: every threshold at the target")
-    refine: int = option(1, "re-calibrations with the thresholds in place, so each tensor is measured "
-                            "as it will be seen behind the upstream thresholds (0: dense statistics only)")
-
-    def __post_init__(self):
-        if not 0.0 <= self.sparsity < 1.0:
-            raise SparseccError(f"sparsity must be in [0, 1) (got {self.sparsity}); e.g. --sparsity 0.5")
-        if not 0 <= self.refine <= MAX_REFINE:
-            raise SparseccError(f"refine must be between 0 and {MAX_REFINE} (got {self.refine}); e.g. --refine 1")
 
 
 @dataclasses.dataclass

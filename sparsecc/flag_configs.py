@@ -1,0 +1,42 @@
+"""Configs of the passes whose options are compile flags (insert-thresholds,
+calibrate-thresholds), kept apart from the passes themselves: the CLI builds its parser from
+them, and `sparsecc --help`, `--version` and usage errors then need no onnx_ir, ONNX Runtime
+or numpy (they answer at once)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from sparsecc.config import option
+from sparsecc.errors import SparseccError
+
+# Re-measurements with the thresholds in place settle in one or two; far more is a typo.
+MAX_REFINE = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class InsertThresholdsConfig:
+    per_consumer: bool = option(False, "one threshold per site instead of one per activation tensor "
+                                       "(q/k/v and gate/up then get their own)")
+    include_head: bool = option(False, "threshold the head (LM head, classifier) too; by default it stays dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrateThresholdsConfig:
+    sparsity: float = option(0.5, "target activation sparsity in [0, 1)")
+    mode: Literal["mac-weighted", "uniform"] = option(
+        "mac-weighted", "mac-weighted: one level for all thresholds such that the model-wide "
+        "1 - effective/dense MACs meets the target, counting naturally sparse sites; "
+        "uniform: every threshold at the target")
+    refine: int = option(1, "re-calibrations with the thresholds in place, so each tensor is measured "
+                            "as it will be seen behind the upstream thresholds (0: dense statistics only)")
+
+    def __post_init__(self):
+        if not 0.0 <= self.sparsity < 1.0:
+            raise SparseccError(f"sparsity must be in [0, 1) (got {self.sparsity}); e.g. --sparsity 0.5")
+        if not 0 <= self.refine <= MAX_REFINE:
+            raise SparseccError(f"refine must be between 0 and {MAX_REFINE} (got {self.refine}); e.g. --refine 1")
+
+
+# pass name -> its config, in the order their flags appear (pipeline.FLAG_PASSES)
+FLAG_CONFIGS = {"insert-thresholds": InsertThresholdsConfig, "calibrate-thresholds": CalibrateThresholdsConfig}
