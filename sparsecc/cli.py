@@ -289,7 +289,10 @@ def _simulate(args) -> dict:
     from sparsecc.backends.seneca.backend import check_compiled, simulate
     from sparsecc.model_io import check_output_dir, model_file
 
-    folder = model_file(args.dir).parent   # the compile output folder, or its model.onnx
+    folder = Path(args.dir)
+    folder = model_file(folder).parent if folder.is_file() else folder   # the compile output folder, or its model.onnx
+    if not folder.is_dir():
+        raise SparseccError(f"{folder} is not a folder; pass the -o folder of `sparsecc compile ... --target seneca`")
     check_compiled(folder)
     if args.tokens < 2 or args.windows < 1:
         raise SparseccError("--tokens must be at least 2 and --windows at least 1")
