@@ -79,7 +79,8 @@ def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration
     `calibration`: a FeedSource (see `data_source`), any iterable of feed dicts, or an ONNX
     Runtime CalibrationDataReader; a file of it named like a test split is refused unless
     `allow_test_split`. `device`: where the PyTorch-based passes run (auto, cpu, cuda).
-    Refused when no pass changes the model (the output would be the input as it is)."""
+    Refused when no pass changes the model and the backend writes nothing of its own (the
+    output would be the input as it is)."""
     from sparsecc import backends
 
     calibration = as_feed_source(calibration)
@@ -107,7 +108,8 @@ def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration
     manager = PassManager(passes, dump_after=dump_after,
                           dump_dir=Path(out).with_name(Path(out).name + ".dumps") if out else None)
     pass_reports = manager.run(model, ctx)
-    if not any(r.changed for r in pass_reports):
+    lowers = type(backend).lower is not backends.base.Backend.lower   # writes artifacts of its own (a plugin's stats, seneca's program)
+    if not lowers and not any(r.changed for r in pass_reports):
         raise SparseccError(f"nothing to compile: no pass changed the model (ran {', '.join(r.id for r in pass_reports)}), "
                             "so the output would be the input as it is; give calibration data (--calib; text needs "
                             "--tokenizer) to insert and calibrate thresholds, --quant w8 or w4 to quantize the "
