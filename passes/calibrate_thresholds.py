@@ -7,25 +7,13 @@ from typing import Literal
 import onnx_ir as ir
 
 from sparsecc import compensation, ops
-from sparsecc.calibration import REFINE, AbsHistogram, collect, statistic
-from sparsecc.config import option
+from sparsecc.calibration import AbsHistogram, collect, statistic
+from sparsecc.flag_configs import CalibrateThresholdsConfig
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, PassResult
 from sparsecc.site_names import site_labels, threshold_labels
 from sparsecc.sites import Site, analyze
 from sparsecc.threshold_search import ThresholdSearch
-
-
-@dataclasses.dataclass(frozen=True)
-class CalibrateThresholdsConfig:
-    sparsity: float = option(0.5, "target activation sparsity", within="[0, 1)")
-    mode: Literal["mac-weighted", "uniform"] = option(
-        "mac-weighted", "mac-weighted: one level for all thresholds such that the model-wide "
-        "1 - effective/dense MACs meets the target, counting naturally sparse sites; "
-        "uniform: every threshold at the target")
-    refine: int = option(1, "re-calibrations with the thresholds in place, so each tensor is measured "
-                            "as it will be seen behind the upstream thresholds (0: dense statistics only)",
-                     within=REFINE)
 
 
 @dataclasses.dataclass

@@ -8,17 +8,10 @@ import numpy as np
 import onnx_ir as ir
 
 from sparsecc import ops
-from sparsecc.config import option
+from sparsecc.flag_configs import InsertThresholdsConfig
 from sparsecc.model_io import earliest
 from sparsecc.pass_manager import Context, Pass, PassResult
 from sparsecc.sites import Site, activation_dtype, analyze, quantizer_of
-
-
-@dataclasses.dataclass(frozen=True)
-class InsertThresholdsConfig:
-    per_consumer: bool = option(False, "one threshold per site instead of one per activation tensor "
-                                       "(q/k/v and gate/up then get their own)")
-    include_head: bool = option(False, "threshold the head (LM head, classifier) too; by default it stays dense")
 
 
 class InsertThresholds(Pass):

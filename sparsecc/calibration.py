@@ -27,6 +27,7 @@ import onnx_ir as ir
 from sparsecc import ops
 from sparsecc.data import FeedSource
 from sparsecc.errors import SparseccError
+from sparsecc.flag_configs import MAX_REFINE, REFINE  # noqa: F401 (the passes' bound on refine)
 from sparsecc.progress import bar, log
 from sparsecc.model_io import atomic_write, file_lock, fingerprint
 from sparsecc.runtime import load_session, saved_copy
@@ -34,9 +35,6 @@ from sparsecc.runtime import load_session, saved_copy
 _SHIFT = 17                     # keep 8 exponent + 6 mantissa bits: 64 bins per octave
 BINS = 1 << (31 - _SHIFT)       # 16384
 CACHE_VERSION = "1"
-# Re-measurements with the thresholds in place settle in one or two; far more is a typo.
-MAX_REFINE = 100
-REFINE = f"[0, {MAX_REFINE}]"   # the `refine` option's range (sparsecc.config.option)
 
 
 def _bin_edges() -> np.ndarray:

@@ -6,17 +6,18 @@ print one line and exit 2; -v adds tracebacks.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-from sparsecc import __version__, compiler, config as cfg, pipeline as pipelines, progress, signals
+# Light imports only: --version, --help and usage errors answer before onnx_ir, ONNX Runtime,
+# numpy or matplotlib are loaded (tests/test_cli.py checks); the commands import the rest.
+from sparsecc import __version__, config as cfg, pipeline as pipelines, progress, signals
 from sparsecc import report as reports
-from sparsecc.calibration import default_cache_dir
-from sparsecc.data import tokenizer_file
 from sparsecc.errors import SparseccError
-from sparsecc.model_io import check_output_dir, input_files, write_error
+from sparsecc.flag_configs import FLAG_CONFIGS
 
 def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
     """-v/-q/--json work before or after the subcommand (the subcommand's never reset the top's)."""
@@ -27,24 +28,59 @@ def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
     p.add_argument("--json", action="store_true", help="print results as JSON on stdout, nothing else", **unset)
 
 
-def _add_data(p: argparse.ArgumentParser, flag: str, help: str) -> None:
+def _add_data(p: argparse.ArgumentParser, flag: str, help: str, windows_help: str) -> None:
     p.add_argument(flag, dest="data", metavar="PATH", help=help)
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, a folder holding one, or a .gguf file")
     p.add_argument("--seq-len", type=int, metavar="N", help="tokens per window, BOS included (default 256)")
-    p.add_argument("--windows", type=int, metavar="N", help="use N windows spread over the data (default: all)")
+    p.add_argument("--windows", type=int, metavar="N", help=windows_help)
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors in the same one-line form as every other error."""
+    """Usage errors in the same one-line form as every other error, with the nearest valid
+    flag, command or choice when one is close (difflib)."""
+
+    words: list[str] = []   # the command line being parsed, for hints in errors
 
     def error(self, message: str):
+        if message.startswith("the following arguments are required"):   # a mistyped flag may be why
+            message += self._hint(_Parser.words)
         print(f"sparsecc: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
         raise SystemExit(2)
 
+    def parse_args(self, args=None, namespace=None):
+        _Parser.words = list(sys.argv[1:] if args is None else args)
+        args, extra = self.parse_known_args(_Parser.words, namespace)
+        if extra:
+            parser = self._command_parser(args)
+            parser.error(f"unrecognized arguments: {' '.join(extra)}{parser._hint(extra)}")
+        return args
+
+    def _hint(self, words: list[str]) -> str:
+        """`; did you mean --calib?` for the words that look like flags this parser lacks."""
+        flags = [f for action in self._actions for f in action.option_strings]
+        typed = [w.split("=")[0] for w in words if w.startswith("-") and len(w) > 1]
+        close = [m[0] for w in typed if not any(f.startswith(w) for f in flags)
+                 if (m := difflib.get_close_matches(w, flags, n=1))]
+        return f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else ""
+
+    def _command_parser(self, args) -> argparse.ArgumentParser:
+        """The parser of the subcommand `args` ran (this one if none)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+                return action.choices[getattr(args, action.dest)]
+        return self
+
+    def _check_value(self, action, value):
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as exc:
+            close = difflib.get_close_matches(str(value), [str(c) for c in action.choices], n=1)
+            if not close:
+                raise
+            raise argparse.ArgumentError(action, f"{exc.message}; did you mean {close[0]!r}?") from None
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from sparsecc import passes
-
     parser = _Parser(prog="sparsecc", description="Activation-sparsity compiler for event-driven hardware.")
     parser.add_argument("--version", action="version", version=f"sparsecc {__version__}")
     _add_common(parser, top=True)
@@ -52,12 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="insert and calibrate thresholds; write the compiled model and reports",
                        description="Run the pass pipeline on MODEL and write OUT/{model.onnx, report.json, report.md, report.html, config.yaml}.")
-    c.add_argument("model", help="input ONNX model (opset 17+)")
+    c.add_argument("model", help="input ONNX model (opset 17+), or a compile output folder")
     c.add_argument("-o", "--out", required=True, help="output folder (replaced atomically)")
     c.add_argument("--pipeline", metavar="YAML", help="pipeline file; replaces the pass options below")
     c.add_argument("--target", default="ort", help="backend to lower to (see `sparsecc list backends`)")
-    _add_data(c, "--calib", "calibration data: a text file, a folder of .txt files, or an .npz of feeds")
-    c.add_argument("--cache-dir", type=Path, default=None, metavar="DIR", help=f"calibration cache (default {default_cache_dir()})")
+    _add_data(c, "--calib", "calibration data: a text file, a folder of .txt files (read recursively), or an .npz of "
+              "feeds", f"use N windows (or .npz samples) spread evenly over the data (default {pipelines.CALIB_WINDOWS}; "
+              "a larger N than the data holds takes every one)")
+    c.add_argument("--allow-test-split", action="store_true", default=None, help="calibrate on files named like a "
+                   "test split (test.txt, a test/ folder) too; refused by default")
+    c.add_argument("--cache-dir", type=Path, default=None, metavar="DIR", help="calibration cache (default $SPARSECC_CACHE_DIR, else ~/.cache/sparsecc)")
     c.add_argument("--no-cache", action="store_true", help="do not read or write the calibration cache")
     c.add_argument("--quant", choices=sorted(pipelines.QUANT), help="quantize weights first: w8 = int8 per output "
                    "channel, w4 = int4 in groups of 32 input channels (the quantize-weights pass); w8a8 = w8 and "
@@ -85,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the IR as text after this pass (id or name) to OUT.dumps/")
     group = c.add_argument_group("pass options (from the passes' configs)")
     for name in pipelines.FLAG_PASSES:
-        for f in cfg.fields(passes.get(name).Config):
+        for f in cfg.fields(FLAG_CONFIGS[name]):
             flag = "--" + f.name.replace("_", "-")
             if f.type is bool:
                 group.add_argument(flag, dest=f.name, action="store_true", default=None, help=f"[{name}] {f.doc}")
@@ -96,10 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity, measured sparsity and output error in ONNX Runtime",
                        description="Evaluate MODEL with the ort backend. For a model written by `sparsecc compile`, the "
                                    "tokenizer, window length and reference (the uncompiled source) default to its config.yaml.")
-    e.add_argument("model", nargs="+", help="ONNX model (e.g. OUT/model.onnx); several (e.g. compiled at different "
+    e.add_argument("model", nargs="+", help="ONNX model, or a compile output folder (OUT/ or OUT/model.onnx); several (e.g. compiled at different "
                    "targets): one report comparing them, with the sparsity/accuracy curve")
-    _add_data(e, "--ppl", "evaluation text (file or folder) for perplexity, or an .npz of feeds")
-    e.add_argument("--reference", metavar="MODEL", help="model to compare outputs with (default: the compiled model's source)")
+    _add_data(e, "--ppl", "evaluation text (file or folder) for perplexity, or an .npz of feeds",
+              "use N windows spread evenly over the data (default: every one)")
+    e.add_argument("--reference", metavar="MODEL", help="model (or compile output folder) to compare outputs with (default: the compiled model's source)")
     e.add_argument("--no-reference", action="store_true", help="skip the comparison")
     e.add_argument("-o", "--out", help="also write report.json, report.md and report.html to this folder")
 
@@ -107,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Simulate DIR (written by `sparsecc compile ... --target seneca -o DIR`) on windows of "
                                     "--tokens tokens, sparse and dense baseline, checked against the ort backend; "
                                     "writes report.json, report.md and report.html to DIR/simulation (or -o).")
-    sm.add_argument("dir", help="output folder of compile --target seneca")
+    sm.add_argument("dir", help="output folder of compile --target seneca (or its model.onnx)")
     sm.add_argument("--text", dest="data", metavar="PATH", required=True,
                     help="text file or folder to take the tokens from, or an .npz of feeds")
     sm.add_argument("--tokenizer", metavar="PATH", help="tokenizer (default: the one the model was compiled with)")
@@ -150,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--address", metavar="ADDR", help="join this Ray cluster (e.g. auto, or HOST:6379) instead of "
                     "starting Ray on this machine")
     sw.add_argument("--cpus", type=int, metavar="N", help="CPUs of the Ray runtime started here (default: every core)")
-    sw.add_argument("--cache-dir", type=Path, default=None, metavar="DIR", help=f"calibration cache the cells share "
-                    f"(default {default_cache_dir()}; a folder every node can reach, for a cluster)")
+    sw.add_argument("--cache-dir", type=Path, default=None, metavar="DIR", help="calibration cache the cells share "
+                    "(default $SPARSECC_CACHE_DIR, else ~/.cache/sparsecc; a folder every node can reach, for a cluster)")
     sw.add_argument("--no-cache", action="store_true", help="do not read or write the calibration cache")
     for p in (c, e, sm, ls, ex, ins, sw):
         _add_common(p)
@@ -159,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compile(args) -> dict:
+    from sparsecc import compiler
+    from sparsecc.calibration import default_cache_dir
+    from sparsecc.data import tokenizer_file
+    from sparsecc.model_io import check_output_dir, input_files, model_file
+
     named = ("search_options", "distill_options")
     flag_values = {name: getattr(args, name) for name in pipelines.option_names() if name not in named}
     flag_values["search_option"] = args.search_option or None
@@ -185,7 +231,7 @@ def _compile(args) -> dict:
     data = compiler.resolved_data(data, flags)   # flags override the pipeline file's data
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
     # the destination before any work (reading the data included); compile_model checks again
-    reads = [*input_files(args.model), *([args.pipeline] if args.pipeline else []),
+    reads = [*input_files(model_file(args.model)), *([args.pipeline] if args.pipeline else []),
              *([data["calib"]] if data.get("calib") else []), *([cache] if cache else []),
              *([tokenizer_file(data["tokenizer"])] if data.get("tokenizer") else [])]
     check_output_dir(Path(args.out), reads)
@@ -193,7 +239,8 @@ def _compile(args) -> dict:
                                   data.get("samples", 0), args.model, data.get("sample_temperature", 1.0),
                                   args.device, cache)
     result = compiler.compile_model(args.model, passes, source, out=args.out, target=args.target, data=data,
-                                    cache_dir=cache, dump_after=tuple(args.dump_after), device=args.device)
+                                    cache_dir=cache, dump_after=tuple(args.dump_after), device=args.device,
+                                    allow_test_split=bool(data.get("allow_test_split")))
     setters = [p for p in result.report["passes"] if "calibrated_model_sparsity" in p["details"]]
     if not args.json and setters:
         last = setters[-1]
@@ -215,11 +262,15 @@ def _key_values(items: list[str], flag: str) -> dict[str, str]:
 
 
 def _eval(args) -> dict:
+    from sparsecc import compiler
+    from sparsecc.data import tokenizer_file
+    from sparsecc.model_io import check_output_dir, input_files, model_file
+
     if args.data is None:
         raise SparseccError("eval needs data: pass --ppl TEXT (with --tokenizer) or --ppl FEEDS.npz")
     plans = []
     for path in args.model:
-        model = Path(path)
+        model = model_file(path)   # a compile output folder names its model.onnx
         saved = compiler.compiled_config(model)
         reference = None if args.no_reference else (args.reference or saved.get("source"))
         if reference is not None and Path(reference).resolve() == model.resolve():
@@ -250,9 +301,13 @@ def _eval(args) -> dict:
 
 
 def _simulate(args) -> dict:
+    from sparsecc import compiler
     from sparsecc.backends.seneca.backend import check_compiled, simulate
+    from sparsecc.data import tokenizer_file
+    from sparsecc.model_io import check_output_dir, input_files, model_file
 
     folder = Path(args.dir)
+    folder = model_file(folder).parent if folder.is_file() else folder   # the compile output folder, or its model.onnx
     if not folder.is_dir():
         raise SparseccError(f"{folder} is not a folder; pass the -o folder of `sparsecc compile ... --target seneca`")
     check_compiled(folder)
@@ -328,6 +383,7 @@ def _inspect(args) -> dict:
 
 
 def _sweep(args) -> dict:
+    from sparsecc.calibration import default_cache_dir
     from sparsecc.sweep import run_sweep
 
     if args.cpus is not None and (args.cpus < 1 or args.address):
@@ -367,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
         return 0
     except OSError as exc:  # a write outside the output folder (TMPDIR's model copy, the cache) failed
+        from sparsecc.model_io import write_error
+
         error = write_error(exc, "a temporary file", within=Path(tempfile.gettempdir()), fix=f"free some space or raise the limit "
                             f"(temporary files go to {tempfile.gettempdir()}: set TMPDIR to move them)")
         if error is None or args.verbose:

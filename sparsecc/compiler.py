@@ -48,7 +48,7 @@ def data_source(calib: str | os.PathLike | None, tokenizer: str | os.PathLike | 
 def resolved_data(data: dict, overrides: dict | None = None) -> dict:
     """Data settings as config.yaml records them: `overrides` (flags) over `data` (a pipeline
     file's), None dropped, paths absolute (so the file works from any folder), seq_len set,
-    in DATA_KEYS order."""
+    and with calibration data its window count (pipeline.CALIB_WINDOWS unless given), in DATA_KEYS order."""
     data = {k: v for k, v in data.items() if v is not None}
     for key, value in (overrides or {}).items():
         if value is not None:
@@ -57,6 +57,8 @@ def resolved_data(data: dict, overrides: dict | None = None) -> dict:
         if key in data:
             data[key] = str(Path(data[key]).resolve())
     data.setdefault("seq_len", 256)
+    if "calib" in data:
+        data.setdefault("windows", pipelines.CALIB_WINDOWS)
     return {k: data[k] for k in pipelines.DATA_KEYS if k in data}   # one order, however they were given
 
 
@@ -69,15 +71,24 @@ class CompileResult:
 
 def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration: Any = None,
                   out: str | os.PathLike | None = None, target: str = "ort", data: dict | None = None,
-                  cache_dir: Path | None = None, dump_after: tuple[str, ...] = (), device: str = "auto") -> CompileResult:
-    """Run `passes` on the model at `model_path`; with `out`, write the model, reports and the
-    resolved configuration there atomically. `calibration`: a FeedSource (see `data_source`),
-    any iterable of feed dicts, or an ONNX Runtime CalibrationDataReader. `device`: where the
-    PyTorch-based passes run (auto, cpu, cuda)."""
+                  cache_dir: Path | None = None, dump_after: tuple[str, ...] = (), device: str = "auto",
+                  allow_test_split: bool = False) -> CompileResult:
+    """Run `passes` on the model at `model_path` (a file or a compile output folder); with
+    `out`, write the model, reports and the resolved configuration there atomically.
+    `calibration`: a FeedSource (see `data_source`), any iterable of feed dicts, or an ONNX
+    Runtime CalibrationDataReader; a file of it named like a test split is refused unless
+    `allow_test_split`. `device`: where the PyTorch-based passes run (auto, cpu, cuda).
+    Refused when no pass changes the model and the backend writes nothing of its own (the
+    output would be the input as it is)."""
     from sparsecc import backends
 
     calibration = as_feed_source(calibration)
-    model_path = Path(model_path).resolve()
+    tests = calibration.test_split_files() if calibration is not None and not allow_test_split else []
+    if tests:
+        raise SparseccError(f"the calibration data includes {tests[0]}, named like a test split (calibrating on "
+                            "the data you evaluate on hides what sparsity costs); point --calib at training or "
+                            "validation text only, or pass --allow-test-split if it is meant")
+    model_path = model_io.model_file(model_path).resolve()
     if out is not None:  # fail before the expensive part; never over what this compile reads
         model_io.check_output_dir(Path(out), [*model_io.input_files(model_path), *reads(calibration, cache_dir)])
     if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
@@ -90,10 +101,18 @@ def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration
     model = model_io.load_model(model_path)
     if "fold-qdq" not in present and any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph):
         passes.insert(0, registry.get("fold-qdq")())   # an already-quantized (QDQ) model: its form first
+    if calibration is not None:
+        log(f"calibration data: {reports.data_summary(calibration.describe())}")
     ctx = Context(calibration=calibration, cache_dir=cache_dir, device=device)
     manager = PassManager(passes, dump_after=dump_after,
                           dump_dir=Path(out).with_name(Path(out).name + ".dumps") if out else None)
     pass_reports = manager.run(model, ctx)
+    lowers = type(backend).lower is not backends.base.Backend.lower   # writes artifacts of its own (a plugin's stats, seneca's program)
+    if not lowers and not any(r.changed for r in pass_reports):
+        raise SparseccError(f"nothing to compile: no pass changed the model (ran {', '.join(r.id for r in pass_reports)}), "
+                            "so the output would be the input as it is; give calibration data (--calib; text needs "
+                            "--tokenizer) to insert and calibrate thresholds, --quant w8 or w4 to quantize the "
+                            "weights, or --target seneca to partition it")
     declined = backend.declines(model)
     if declined:
         log(f"{target}: declined {len(declined)} node(s), listed in the report: "
@@ -138,9 +157,10 @@ def _site_rows(model: ir.Model) -> list[dict]:
     return [s.to_dict() | {"layer": layers.get(s.index), "label": labels[s.index]} for s in analysis.sites]
 
 
-def compiled_config(model_path: Path) -> dict[str, Any]:
-    """The resolved configuration written beside a compiled model ({} for any other model)."""
-    path = model_path.parent / CONFIG
+def compiled_config(model_path: str | os.PathLike) -> dict[str, Any]:
+    """The resolved configuration written beside a compiled model (a file or its folder; {}
+    for any other model)."""
+    path = model_io.model_file(model_path).parent / CONFIG
     if not path.is_file():
         return {}
     spec = pipelines.read_yaml(path, "compiled model's configuration", "pass --tokenizer/--reference explicitly or rewrite it")
@@ -148,9 +168,12 @@ def compiled_config(model_path: Path) -> dict[str, Any]:
 
 
 def evaluate(model_path: str | os.PathLike, source: FeedSource, reference: str | os.PathLike | None = None) -> dict:
-    """Evaluate a model with the ort backend; compare against `reference` when given."""
+    """Evaluate a model (a file or a compile output folder) with the ort backend; compare
+    against `reference` when given."""
     from sparsecc.backends.ort import OrtBackend
 
+    model_path = model_io.model_file(model_path)
+    reference = model_io.model_file(reference) if reference is not None else None
     model = model_io.load_model(model_path)
     ref = model_io.load_model(reference) if reference is not None else None
     result = OrtBackend().evaluate(model, source, ref)

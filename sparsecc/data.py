@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -100,17 +101,35 @@ def _unknown_token(file: Path) -> str | None:
     return unknown if isinstance(unknown, str) else None
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """A text file, or every `*.txt` under a folder in sorted order, as one string."""
+def text_files(path: str | os.PathLike) -> list[Path]:
+    """The files a text source reads: the file itself, or every `*.txt` under a folder
+    (recursively), in sorted order."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise SparseccError(f"no .txt files under {path}; point at a text file or a folder of .txt files")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise SparseccError(f"text data not found: {path}; check the path")
+        return files
+    if path.is_file():
+        return [path]
+    raise SparseccError(f"text data not found: {path}; check the path")
+
+
+# a file or folder name with the word test/tests in it (test.txt, wiki.test.tokens, en_test/,
+# test-00001.txt), not merely the letters (latest.txt, contest.txt)
+_TEST_SPLIT = re.compile(r"(?:^|[^a-z0-9])tests?(?:[^a-z0-9]|$)", re.IGNORECASE)
+
+
+def named_like_test_split(path: Path, root: Path) -> bool:
+    """Whether `path` (a file of the source `root`, or `root` itself) or a folder between them
+    is named like a test split; the folders above `root` do not count."""
+    parts = path.relative_to(root).parts if path != root else (path.name,)
+    return any(_TEST_SPLIT.search(part) for part in parts)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A text file, or every `*.txt` under a folder in sorted order, as one string."""
+    files = text_files(path)
     parts = []
     for file in files:
         try:
@@ -160,6 +179,10 @@ class FeedSource:
         that cannot be re-cut return themselves."""
         return self
 
+    def test_split_files(self) -> list[str]:
+        """The files it reads that are named like a test split (compile refuses to calibrate on them)."""
+        return []
+
 
 def windows(ids: np.ndarray, seq_len: int, bos_id: int | None, limit: int | None = None) -> np.ndarray:
     """Cut `ids` into full windows of `seq_len` tokens, each led by `bos_id` when given.
@@ -204,8 +227,10 @@ class TextWindows(FeedSource):
             raise SparseccError(f"window count must be at least 1 (got {limit})")
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         self.path, self.seq_len = Path(text), seq_len
+        self.files = text_files(text)
         ids = self.tokenizer.encode(read_text(text))
         self.rows = windows(ids, seq_len, self.tokenizer.bos_id, limit)
+        self.available = len(ids) // (seq_len - (self.tokenizer.bos_id is not None))   # windows the text holds
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -223,10 +248,13 @@ class TextWindows(FeedSource):
     def paths(self):
         return [self.path, self.tokenizer.file]
 
+    def test_split_files(self):
+        return [str(f) for f in self.files if named_like_test_split(f, self.path)]
+
     def describe(self) -> dict:
-        return {"kind": "text", "path": str(self.path), "tokenizer": str(self.tokenizer.path),
-                "seq_len": self.seq_len, "windows": len(self.rows), "tokens": int(self.rows.size),
-                "bos": self.tokenizer.bos_id}
+        return {"kind": "text", "path": str(self.path), "files": [str(f) for f in self.files],
+                "tokenizer": str(self.tokenizer.path), "seq_len": self.seq_len, "windows": len(self.rows),
+                "windows_available": self.available, "tokens": int(self.rows.size), "bos": self.tokenizer.bos_id}
 
 
 class NpzFeeds(FeedSource):
@@ -253,7 +281,8 @@ class NpzFeeds(FeedSource):
         if empty is not None:
             raise SparseccError(f"{self.path}: the samples of {empty!r} are empty (shape {list(self.arrays[empty].shape)}); "
                                 "each needs at least one token or row")
-        self.count = min(counts.pop(), limit or 2**62)
+        self.available = counts.pop()
+        self.count = min(self.available, limit or 2**62)
 
     def __len__(self):
         return self.count
@@ -272,8 +301,11 @@ class NpzFeeds(FeedSource):
             digest.update(np.ascontiguousarray(self.arrays[name][: self.count]).tobytes())
         return digest.hexdigest()
 
+    def test_split_files(self):
+        return [str(self.path)] if named_like_test_split(self.path, self.path) else []
+
     def describe(self):
-        return {"kind": "npz", "path": str(self.path), "samples": self.count}
+        return {"kind": "npz", "path": str(self.path), "samples": self.count, "samples_available": self.available}
 
     def with_windows(self, limit):
         return NpzFeeds(self.path, limit)
@@ -318,6 +350,9 @@ class MixedFeeds(FeedSource):
     def key(self):
         keys = [s.key() for s in self.sources]
         return None if None in keys else hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+    def test_split_files(self):
+        return [f for s in self.sources for f in s.test_split_files()]
 
     def describe(self):
         return {"kind": "mixed", "windows": len(self), "parts": [s.describe() for s in self.sources]}

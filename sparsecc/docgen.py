@@ -86,14 +86,12 @@ def _metavar(a: argparse.Action) -> str:
 
 
 def _options(actions) -> list[str]:
-    from sparsecc.calibration import default_cache_dir
-
     out = []
     for a in actions:
         names = ", ".join(a.option_strings) if a.option_strings else _metavar(a)
         if a.option_strings and a.nargs != 0:
             names += " " + _metavar(a)
-        text = (a.help or "").replace(str(default_cache_dir()), "$SPARSECC_CACHE_DIR, else ~/.cache/sparsecc")
+        text = a.help or ""
         if a.dest == "version":
             text = "print the version and exit"
         if isinstance(a, argparse._AppendAction) and "repeatable" not in text:

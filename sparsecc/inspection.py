@@ -28,28 +28,21 @@ import onnx_ir as ir
 
 from sparsecc import ops
 from sparsecc.errors import SparseccError
-from sparsecc.model_io import load_model
+from sparsecc.model_io import MODEL_FILE, load_model, model_file
 from sparsecc.site_names import ranges, site_labels, site_layers
 from sparsecc.sites import analyze
 
 SCHEMA = "sparsecc.inspect/1"
-MODEL, REPORT, PLACEMENT = "model.onnx", "report.json", "placement.json"
+REPORT, PLACEMENT = "report.json", "placement.json"
 
 
 def inspect_path(path: str | Path) -> dict[str, Any]:
     """Everything `sparsecc inspect PATH` shows, as plain JSON values."""
     path = Path(path)
-    if path.is_dir():
-        model_path = path / MODEL
-        if not model_path.is_file():
-            raise SparseccError(f"{path} holds no {MODEL}; pass an .onnx file or the -o folder of `sparsecc compile`")
-    elif path.exists():
-        model_path = path
-    else:
-        raise SparseccError(f"{path} does not exist; pass an .onnx file or the -o folder of `sparsecc compile`")
+    model_path = model_file(path)
     model = load_model(model_path)
     # a compile output: the report beside its model.onnx (eval reads config.yaml beside it the same way)
-    report = _read_json(model_path.parent / REPORT) if model_path.name == MODEL else None
+    report = _read_json(model_path.parent / REPORT) if model_path.name == MODEL_FILE else None
     if report is not None and report.get("kind") != "compile":
         report = None
     placement = _placement(model, model_path.parent / PLACEMENT if path.is_dir() else None)

@@ -32,13 +32,29 @@ MIN_OPSET = 17
 EXTERNAL_DATA_BYTES = 256 * 2**20
 
 
-def load_model(path: str | os.PathLike) -> ir.Model:
-    """Load and validate an ONNX model; raise SparseccError with the fix on any problem."""
+MODEL_FILE = "model.onnx"   # the model of a `sparsecc compile -o OUT` folder
+
+
+def model_file(path: str | os.PathLike) -> Path:
+    """The ONNX file a model argument names: the file itself, or the model.onnx of a compile
+    output folder. Every command that takes a model resolves it here."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / MODEL_FILE).is_file():
+            raise SparseccError(f"{path} is a folder without {MODEL_FILE}; pass an .onnx file or the -o folder "
+                                "of `sparsecc compile`")
+        return path / MODEL_FILE
     if not path.exists():
         raise SparseccError(f"model file not found: {path}; check the path")
+    return path
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load and validate an ONNX model (a file, or a compile output folder: `model_file`);
+    raise SparseccError with the fix on any problem."""
+    path = model_file(path)
     if not path.is_file():
-        raise SparseccError(f"{path} is a directory; pass the .onnx file inside it")
+        raise SparseccError(f"{path} is not a regular file; pass an .onnx file")
     try:
         model = ir.load(path)
     except Exception as exc:  # protobuf's DecodeError and friends carry no useful line

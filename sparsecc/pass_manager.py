@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, ClassVar
-
-import onnx_ir as ir
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sparsecc import config as cfg
 from sparsecc.errors import PreconditionError, SparseccError
 from sparsecc.progress import log
+
+if TYPE_CHECKING:   # annotations only: the CLI imports this module to parse its flags
+    import onnx_ir as ir
 
 
 @dataclasses.dataclass

@@ -12,7 +12,8 @@
       calib: ../shared/data/wikitext-2/valid.txt
       tokenizer: samples/tiny_llama
       seq_len: 256
-      windows: 64
+      windows: 64                 # default 128 (CALIB_WINDOWS)
+      allow_test_split: false     # true: calibrate on files named like a test split too
 
 The `config.yaml` that `sparsecc compile` writes next to its outputs is in this format, with
 every option resolved, so it can be passed back with `--pipeline` to reproduce the run.
@@ -23,14 +24,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sparsecc import config as cfg
 from sparsecc.errors import SparseccError, excerpt
+from sparsecc.flag_configs import FLAG_CONFIGS
 from sparsecc.pass_manager import Pass
 
 SCHEMA = "sparsecc.pipeline/1"
-DATA_KEYS = ("calib", "tokenizer", "seq_len", "windows", "samples", "sample_temperature")
+# Calibration windows (or .npz samples) compile takes when `windows` is not given, spread evenly
+# over the data: on SmolLM2-135M, 128 x 256 tokens of WikiText-2 valid give thresholds within
+# 1% of those of 384 windows (benchmarks/calibration_windows.py, RESULTS.md).
+CALIB_WINDOWS = 128
+DATA_KEYS = ("calib", "tokenizer", "seq_len", "windows", "samples", "sample_temperature", "allow_test_split")
 
 
 # --quant choices -> quantize-weights options (and quantize-activations for int8 events)
@@ -113,16 +117,14 @@ def _search(name: str, sparsity: float, mode: str, refine: int, options: dict[st
 
 # The passes whose options are compile flags (--sparsity, --mode, ...; from their typed configs),
 # and the other flags that shape the pipeline, with their types (for sweep files).
-FLAG_PASSES = ("insert-thresholds", "calibrate-thresholds")
+FLAG_PASSES = tuple(FLAG_CONFIGS)
 PIPELINE_FLAGS = {"quant": str, "search": str, "search_options": dict, "weight_scores": bool,
                   "compensate_rank": int, "finetune_steps": int, "distill_steps": int, "distill_options": dict}
 
 
 def option_names() -> list[str]:
     """Every compile option `from_options` takes: the FLAG_PASSES' config fields, then PIPELINE_FLAGS."""
-    from sparsecc import passes
-
-    return [f.name for name in FLAG_PASSES for f in cfg.fields(passes.get(name).Config)] + list(PIPELINE_FLAGS)
+    return [f.name for name in FLAG_PASSES for f in cfg.fields(FLAG_CONFIGS[name])] + list(PIPELINE_FLAGS)
 
 
 def from_options(options: dict[str, Any], thresholds: bool, where: str = "") -> list[Pass]:
@@ -188,14 +190,14 @@ def from_spec(spec: Any, where: str = "pipeline") -> tuple[list[Pass], dict[str,
 
 
 def check_data(data: Any, where: str) -> dict[str, Any]:
-    """A `data:` mapping (pipeline and sweep files): DATA_KEYS only, paths and integers."""
+    """A `data:` mapping (pipeline and sweep files): DATA_KEYS only, paths, numbers, a flag."""
     if not isinstance(data, dict) or set(data) - set(DATA_KEYS):
         raise SparseccError(f"{where}: `data:` takes only {', '.join(DATA_KEYS)}")
     for key, value in data.items():
-        kind = str if key in ("calib", "tokenizer") else float if key == "sample_temperature" else int
+        kind = {"calib": str, "tokenizer": str, "sample_temperature": float, "allow_test_split": bool}.get(key, int)
         ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
-        if value is not None and (not ok or isinstance(value, bool)):
-            what = {str: "a path", int: "an integer", float: "a number"}[kind]
+        if value is not None and (not ok or (isinstance(value, bool) and kind is not bool)):
+            what = {str: "a path", int: "an integer", float: "a number", bool: "true or false"}[kind]
             raise SparseccError(f"{where}: data: {key} must be {what} (got {excerpt(value)})")
     return data
 
@@ -211,6 +213,8 @@ def read_yaml(path: str | os.PathLike, what: str, fix: str = "fix the file") -> 
     """The parsed YAML file at `path` (`what` it is, for the errors; `fix`, what to do about
     a malformed one), refused in one line when it is too large, nested too deep or expands
     (through aliases) to too many values."""
+    import yaml   # here, not at the top: the CLI's parser imports this module
+
     path = Path(path)
     if not path.is_file():
         raise SparseccError(f"{what} not found: {path}; check the path")
@@ -241,6 +245,8 @@ def _expanded_size(root: yaml.Node) -> int:
     """How many values the document of `root` holds with every alias expanded, counted without
     expanding (an alias shares its anchor's node: each node's size is computed once); stops
     early past MAX_YAML_VALUES."""
+    import yaml
+
     sizes: dict[int, int] = {}
     started: set[int] = set()
     stack = [(root, False)]
@@ -278,4 +284,6 @@ def to_spec(pipeline: list[Pass], data: dict[str, Any] | None = None) -> dict[st
 
 
 def dump(spec: dict[str, Any]) -> str:
+    import yaml
+
     return yaml.safe_dump(spec, sort_keys=False)

@@ -33,8 +33,27 @@ def _macs(x: float) -> str:
     return f"{x / 1e6:.2f} M"
 
 
+def data_summary(data: dict | None) -> str:
+    """One line for what a source (FeedSource.describe()) feeds: how many windows of how many, from which files."""
+    if data is None:
+        return "none"
+    kind = data.get("kind")
+    if kind == "text":
+        files = data.get("files", [data["path"]])
+        names = files[0] if len(files) == 1 else f"{len(files)} files: {', '.join(files)}"
+        return f"{data['windows']} of {data.get('windows_available', data['windows'])} windows x {data['seq_len']} tokens of {names}"
+    if kind == "npz":
+        return f"{data['samples']} of {data.get('samples_available', data['samples'])} samples of {data['path']}"
+    if kind == "sampled":
+        return f"{data['windows']} windows x {data['seq_len']} tokens sampled from the model (temperature {data['temperature']})"
+    if kind == "mixed":
+        return " + ".join(data_summary(part) for part in data["parts"])
+    return f"{kind} (windows given from Python)"
+
+
 def compile_markdown(report: dict) -> str:
-    lines = [f"# sparsecc compile: {Path(report['source']['model']).name}", ""]
+    lines = [f"# sparsecc compile: {Path(report['source']['model']).name}", "",
+             f"Calibration data: {data_summary(report.get('data'))}", ""]
     lines += ["| pass | changed | summary |", "|---|---|---|"]
     for p in report["passes"]:
         d = p["details"]

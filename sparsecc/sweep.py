@@ -54,7 +54,7 @@ from sparsecc import __version__, compiler, pipeline as pipelines, progress
 from sparsecc import report as reports, report_page
 from sparsecc.data import tokenizer_file
 from sparsecc.errors import SparseccError, excerpt
-from sparsecc.model_io import atomic_dir, atomic_write, check_output_dir, fingerprint
+from sparsecc.model_io import atomic_dir, atomic_write, check_output_dir, fingerprint, model_file
 
 SCHEMA = "sparsecc.sweep/1"
 KEYS = ("schema", "models", "data", "eval", "simulate", "compile", "grid", "cells", "retries")
@@ -140,9 +140,12 @@ def _models(models: Any, where: str) -> dict[str, str]:
     for name, path in models.items():
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise SparseccError(f"{where}: models: name {excerpt(name)} must be letters, digits, '.', '_' or '-'")
-        if not isinstance(path, str) or not Path(path).is_file():
-            raise SparseccError(f"{where}: models: {name}: model file {excerpt(path)} not found; check the path")
-        out[name] = str(Path(path).resolve())
+        if not isinstance(path, str):
+            raise SparseccError(f"{where}: models: {name}: give a path (got {excerpt(path)})")
+        try:
+            out[name] = str(model_file(path).resolve())   # a compile output folder names its model.onnx
+        except SparseccError as exc:
+            raise SparseccError(f"{where}: models: {name}: {exc}") from None
     return out
 
 
@@ -297,6 +300,7 @@ def _compute(cell: dict, final: Path, stats: dict, before: dict) -> dict:
                                      data.get("samples", 0), cell["model"], data.get("sample_temperature", 1.0),
                                      cache_dir=cache)
         compiled = compiler.compile_model(cell["model"], passes, calib, out=tmp, target=cell["target"], data=data,
+                                          allow_test_split=bool(data.get("allow_test_split")),
                                           cache_dir=cache)
         ev = cell["eval"]
         run = compiler.evaluate(tmp / "model.onnx", compiler.data_source(ev["ppl"], ev["tokenizer"], ev["seq_len"],

@@ -130,7 +130,9 @@ def opset13(i: Inputs):
 
 
 def model_is_a_folder(i: Inputs):
-    return i.compile(i.dir)
+    # a folder holding model.onnx (a compile output) is a model; one without is not
+    (i.dir / "models").mkdir()
+    return i.compile(i.dir / "models")
 
 
 def missing_model(i: Inputs):
@@ -740,7 +742,7 @@ CORPUS = [
     C(only_a_head, "nothing to threshold", "1 linear site(s) are 1 head(s), kept dense", "pass --include-head"),
     C(no_linear_sites, "nothing to threshold", "the model has no linear sites",
       "compile it without --calib/--sparsity"),
-    C(model_is_a_folder, "wrong path", "is a directory", "pass the .onnx file inside it"),
+    C(model_is_a_folder, "wrong path", "is a folder without model.onnx", "pass an .onnx file or the -o folder of `sparsecc compile`"),
     C(missing_model, "wrong path", "model file not found", "check the path"),
     C(missing_external_data, "external data missing", "is missing", "copy it next to the model"),
     C(external_data_outside_folder, "external data outside the folder", "outside the model's folder (../x)",
@@ -830,7 +832,8 @@ CORPUS = [
     C(eval_corrupt_config, "malformed YAML", "config.yaml is not valid YAML", "pass --tokenizer/--reference explicitly"),
     # simulate
     C(simulate_missing_folder, "wrong path", "is not a folder", "pass the -o folder of `sparsecc compile"),
-    C(simulate_model_file_not_folder, "wrong path", "is not a folder", "pass the -o folder of `sparsecc compile"),
+    # a model file is taken for its folder (model_io.model_file), which must be a seneca compile's
+    C(simulate_model_file_not_folder, "wrong path", "has no target.toml", "simulate reads a folder written by `sparsecc compile"),
     C(simulate_ort_compile, "bad compiled folder", "has no target.toml", "--target seneca -o DIR"),
     C(simulate_zero_tokens, "zero tokens", "--tokens must be at least 2", "--tokens must be at least 2"),
     C(simulate_one_token, "zero tokens", "--tokens must be at least 2", "--tokens must be at least 2"),

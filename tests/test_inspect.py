@@ -210,7 +210,7 @@ def test_bad_input_is_one_line(tmp_path, mlp_path, mlp_npz, capsys, case):
         (out / ("report.json" if case == "bad-report" else "placement.json")).write_text("{truncated")
         target, expected = out, f"{out / ('report.json' if case == 'bad-report' else 'placement.json')} is not valid JSON"
     elif case == "missing":
-        target, expected = tmp_path / "nope.onnx", "does not exist"
+        target, expected = tmp_path / "nope.onnx", "model file not found"
     elif case == "not-onnx":
         target = tmp_path / "random.onnx"
         target.write_bytes(np.random.default_rng(0).bytes(256))
@@ -218,7 +218,7 @@ def test_bad_input_is_one_line(tmp_path, mlp_path, mlp_npz, capsys, case):
     else:
         target = tmp_path / "empty"
         target.mkdir()
-        expected = "holds no model.onnx"
+        expected = "is a folder without model.onnx"
     capsys.readouterr()
     assert cli.main(["inspect", str(target)]) == 2
     captured = capsys.readouterr()

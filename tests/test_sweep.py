@@ -231,7 +231,7 @@ def test_without_ray_one_line_names_the_extra(tmp_path, monkeypatch, capsys):
 
 BAD = [
     ({"models": {}}, "models: must map a name to each model file"),
-    ({"models": {"tiny": "nope.onnx"}}, "models: tiny: model file 'nope.onnx' not found"),
+    ({"models": {"tiny": "nope.onnx"}}, "models: tiny: model file not found: nope.onnx"),
     ({"eval": {}}, "eval: needs ppl:"),
     ({"eval": EVAL | {"window": 3}}, "eval: unknown key 'window'; valid keys: ppl, tokenizer, seq_len, windows"),
     ({"data": DATA | {"calib": "nowhere.txt"}}, "data: calib: nowhere.txt not found"),
