@@ -2,7 +2,6 @@
 until calibrate-thresholds sets it)."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import onnx_ir as ir

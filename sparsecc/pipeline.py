@@ -241,7 +241,7 @@ def read_yaml(path: str | os.PathLike, what: str, fix: str = "fix the file") -> 
             loader.dispose()
 
 
-def _expanded_size(root: yaml.Node) -> int:
+def _expanded_size(root: Any) -> int:   # a yaml.Node
     """How many values the document of `root` holds with every alias expanded, counted without
     expanding (an alias shares its anchor's node: each node's size is computed once); stops
     early past MAX_YAML_VALUES."""
