@@ -6,7 +6,7 @@ import dataclasses
 import onnx_ir as ir
 
 from sparsecc import compensation, ops
-from sparsecc.calibration import AbsHistogram, collect, statistic
+from sparsecc.calibration import AbsHistogram, Collector, statistic
 from sparsecc.flag_configs import CalibrateThresholdsConfig
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, PassResult
@@ -45,13 +45,13 @@ class CalibrateThresholds(ThresholdSearch):
         natural = [s for s in sites if s.natural and not s.head]
         tensors = [th.source for th in thresholds] + [s.consumes for s in natural]
         rounds = 1 + self.config.refine
-        for round_ in range(rounds):
-            hists = collect(model, tensors, ctx.calibration, ctx.cache_dir,
-                            desc=f"calibrating ({round_ + 1}/{rounds})")
-            level = self._level(thresholds, natural, hists)
-            for th in thresholds:
-                t = hists[th.source].threshold_for(level)
-                ops.set_threshold(th.node, t)
+        with Collector(model, tensors, ctx.calibration, ctx.cache_dir) as collector:
+            for round_ in range(rounds):
+                hists = collector.measure(desc=f"calibrating ({round_ + 1}/{rounds})")
+                level = self._level(thresholds, natural, hists)
+                for th in thresholds:
+                    t = hists[th.source].threshold_for(level)
+                    ops.set_threshold(th.node, t)
         return self._report(model, thresholds, natural, hists, level)
 
     def _level(self, thresholds: list[_Threshold], natural: list[Site], hists: dict[str, AbsHistogram]) -> float:
@@ -60,10 +60,12 @@ class CalibrateThresholds(ThresholdSearch):
         if self.config.mode == "uniform":
             return target
 
+        zeros = {name: hists[name].zeros for name in {th.source for th in thresholds} | {s.consumes for s in natural}}
+
         def model_wide(level: float) -> float:
-            effective = sum(th.macs * max(level, hists[th.source].zeros) for th in thresholds)
-            effective += sum(s.macs_per_token * hists[s.consumes].zeros for s in natural)
-            effective -= sum(th.compensation.macs(level, hists[th.source].zeros) for th in thresholds)
+            effective = sum(th.macs * max(level, zeros[th.source]) for th in thresholds)
+            effective += sum(s.macs_per_token * zeros[s.consumes] for s in natural)
+            effective -= sum(th.compensation.macs(level, zeros[th.source]) for th in thresholds)
             return effective / (sum(th.macs for th in thresholds) + sum(s.macs_per_token for s in natural))
 
         lo, hi = 0.0, 1.0

@@ -29,12 +29,12 @@ from sparsecc.data import FeedSource
 from sparsecc.errors import SparseccError
 from sparsecc.flag_configs import MAX_REFINE, REFINE  # noqa: F401 (the passes' bound on refine)
 from sparsecc.progress import bar, log
-from sparsecc.model_io import atomic_write, file_lock, fingerprint
-from sparsecc.runtime import load_session, saved_copy
+from sparsecc.model_io import atomic_write, file_lock, fingerprint, remove_unused
+from sparsecc.runtime import load_session, saved_copy, values_by_name
 
 _SHIFT = 17                     # keep 8 exponent + 6 mantissa bits: 64 bins per octave
 BINS = 1 << (31 - _SHIFT)       # 16384
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"   # 2: keyed by the calibration copy (t as inputs) and the t values
 
 
 def _bin_edges() -> np.ndarray:
@@ -47,6 +47,17 @@ EDGES = _bin_edges()
 NONFINITE_BIN = 0x7F800000 >> _SHIFT   # from here on: inf and NaN (exponent bits all ones)
 
 
+def bin_counts(x: np.ndarray) -> np.ndarray:
+    """Counts of |x| per bin: the bin is the float32 pattern of |x| shifted right by _SHIFT.
+    Shifting the signed pattern instead keeps the sign as bit 14 (bin + BINS for negative x),
+    so one shift straight into bincount's index type and a fold of the two halves does it,
+    with no mask and no intermediate array."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).reshape(-1).view(np.uint32)
+    index = np.right_shift(bits, _SHIFT, out=np.empty(bits.shape, np.intp), casting="unsafe")
+    counts = np.bincount(index, minlength=2 * BINS)
+    return counts[:BINS] + counts[BINS:]
+
+
 class AbsHistogram:
     """Counts of |x| in fixed log-spaced bins; bin 0 holds zeros (and denormals)."""
 
@@ -54,8 +65,7 @@ class AbsHistogram:
         self.counts = np.zeros(BINS, np.int64) if counts is None else counts.astype(np.int64)
 
     def add(self, x: np.ndarray) -> None:
-        bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) & np.uint32(0x7FFFFFFF)
-        self.counts += np.bincount((bits >> _SHIFT).ravel(), minlength=BINS)[:BINS]
+        self.counts += bin_counts(x)
 
     def merge(self, other: AbsHistogram) -> None:
         self.counts += other.counts
@@ -108,15 +118,46 @@ def collect(model: ir.Model, tensors: list[str], source: FeedSource, cache_dir: 
     """One histogram per name over all feeds of `source`: of |x| for a tensor, of the score
     |x_i| * c_i for a weight-aware threshold's `statistic`. With `cache_dir`, an entry is
     computed by one process at a time (others wait for it, then read it)."""
-    tensors = sorted(set(tensors))
-    scores = _scores(model, tensors)
-    fetch = sorted({scores[name][0] if name in scores else name for name in tensors})
-    with saved_copy(model, fetch) as files:
+    with Collector(model, tensors, source, cache_dir) as collector:
+        return collector.measure(desc)
+
+
+class Collector:
+    """Measures the statistics of `tensors` as often as the model's thresholds change, from one
+    ONNX Runtime session: the model is cut to what the wanted tensors need (an LM head after
+    them is not run), they are its only outputs, and every Threshold's t is an input, fed from
+    the model's nodes at each `measure` (so a refinement round needs no new copy or session).
+    The session is made at the first measurement not found in the cache."""
+
+    def __init__(self, model: ir.Model, tensors: list[str], source: FeedSource, cache_dir: Path | None = None):
+        self.model, self.source = model, source
+        self.tensors = sorted(set(tensors))
+        self.scores = _scores(model, self.tensors)
+        self.fetch = sorted({self.scores[name][0] if name in self.scores else name for name in self.tensors})
+        self.cache_dir = cache_dir if source.key() is not None else None
+        self._stack = contextlib.ExitStack()
+        self._session = None
+
+    def __enter__(self) -> Collector:
+        copy, self._levels = _calibration_copy(self.model, self.fetch)
+        self.files = self._stack.enter_context(saved_copy(copy))
         # the scales are in the saved model too; named here so a key never depends on that
-        scaled = [f"{name}={hashlib.sha256(scores[name][1].tobytes()).hexdigest()}" for name in tensors if name in scores]
-        cache = _cache_path(cache_dir, files, source, tensors + scaled)
+        scaled = [f"{name}={hashlib.sha256(self.scores[name][1].tobytes()).hexdigest()}"
+                  for name in self.tensors if name in self.scores]
+        self._key = None if self.cache_dir is None else \
+            [CACHE_VERSION, fingerprint(self.files), self.source.key(), *self.tensors, *scaled]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._session = None
+        self._stack.close()
+
+    def measure(self, desc: str = "calibrating") -> dict[str, AbsHistogram]:
+        """The histograms with the model's thresholds as they are now."""
+        levels = {name: node.inputs[1].const_value.numpy() for name, node in self._levels.items()}
+        cache = self._cache_path(levels)
         if cache is None:
-            return _measure(files[0], tensors, fetch, scores, source, desc)
+            return self._measure(levels, desc)
         with contextlib.ExitStack() as held:
             try:
                 held.enter_context(file_lock(cache, waiting=lambda: log(
@@ -124,22 +165,38 @@ def collect(model: ir.Model, tensors: list[str], source: FeedSource, cache_dir: 
             except OSError as exc:   # an unwritable cache folder: calibrate without it
                 log(f"warning: {desc}: cannot use the calibration cache {cache.parent} ({exc.strerror}); "
                     "calibrating without it")
-                return _measure(files[0], tensors, fetch, scores, source, desc)
+                return self._measure(levels, desc)
             if cache.exists():
-                cached = _read_cache(cache, len(tensors))
+                cached = _read_cache(cache, len(self.tensors))
                 if cached is not None:
                     log(f"{desc}: reusing cached statistics {cache.name}")
                     STATS["reused"] += 1
-                    return {name: AbsHistogram(counts) for name, counts in zip(tensors, cached)}
+                    return {name: AbsHistogram(counts) for name, counts in zip(self.tensors, cached)}
                 log(f"warning: {desc}: cached statistics {cache} are unreadable (corrupt or truncated); "
                     "recomputing them")
-            hists = _measure(files[0], tensors, fetch, scores, source, desc)
-            arrays = {f"h{i}": hists[name].counts for i, name in enumerate(tensors)}
+            hists = self._measure(levels, desc)
+            arrays = {f"h{i}": hists[name].counts for i, name in enumerate(self.tensors)}
             try:
                 atomic_write(cache, lambda f: np.savez_compressed(f, **arrays))
             except (OSError, SparseccError) as exc:
                 log(f"warning: {desc}: cannot write the calibration cache {cache} ({exc}); continuing without it")
             return hists
+
+    def _measure(self, levels: dict[str, np.ndarray], desc: str) -> dict[str, AbsHistogram]:
+        if self._session is None:
+            self._session = load_session(self.files[0])
+        return _measure(self._session, self.tensors, self.fetch, self.scores, self.source, levels, desc)
+
+    def _cache_path(self, levels: dict[str, np.ndarray]) -> Path | None:
+        """Where statistics of exactly this saved model, data, tensor list and t values are cached."""
+        if self._key is None:
+            return None
+        digest = hashlib.sha256()
+        for name in sorted(levels):
+            t = levels[name]
+            digest.update(f"{name}:{t.dtype}:{t.shape}:".encode() + t.tobytes())
+        key = hashlib.sha256("\n".join([*self._key, digest.hexdigest()]).encode()).hexdigest()
+        return Path(self.cache_dir) / f"hist-{key[:32]}.npz"
 
 
 def _read_cache(path: Path, count: int) -> list[np.ndarray] | None:
@@ -157,13 +214,36 @@ def _read_cache(path: Path, count: int) -> list[np.ndarray] | None:
     return counts
 
 
-def _measure(model_file: Path, tensors: list[str], fetch: list[str], scores: dict, source: FeedSource,
-             desc: str) -> dict[str, AbsHistogram]:
-    session = load_session(model_file)
+def _calibration_copy(model: ir.Model, fetch: list[str]) -> tuple[ir.Model, dict[str, ir.Node]]:
+    """A copy of `model` (sharing its tensors) whose outputs are `fetch` and nothing else, less
+    the nodes those do not need, with the t of every Threshold as a graph input; and t input
+    name -> the Threshold of `model` it is fed from."""
+    missing = [name for name in fetch if name not in values_by_name(model.graph)]
+    if missing:
+        raise SparseccError(f"tensor {missing[0]!r} is not in the model")
+    copy = model.clone()
+    graph = copy.graph
+    values = values_by_name(graph)
+    graph.outputs.clear()
+    graph.outputs.extend(values[name] for name in fetch)
+    remove_unused(graph)
+    originals = {node.name: node for node in model.graph if ops.is_threshold(node)}
+    levels = {}
+    for node in graph:
+        t = node.inputs[1] if ops.is_threshold(node) else None
+        if t is not None and t.name in graph.initializers and t.name not in levels:
+            del graph.initializers[t.name]
+            graph.inputs.append(t)
+            levels[t.name] = originals[node.name]
+    return copy, levels
+
+
+def _measure(session, tensors: list[str], fetch: list[str], scores: dict, source: FeedSource,
+             levels: dict[str, np.ndarray], desc: str) -> dict[str, AbsHistogram]:
     hists = {name: AbsHistogram() for name in tensors}
-    inputs = [i.name for i in session.get_inputs()]
+    inputs = [i.name for i in session.get_inputs() if i.name not in levels]
     for feed in bar(source.feeds(inputs), total=len(source), desc=desc):
-        arrays = dict(zip(fetch, session.run(fetch, feed)))
+        arrays = dict(zip(fetch, session.run(fetch, feed | levels)))
         for name in tensors:
             if name in scores:
                 tensor, scale = scores[name]
@@ -207,16 +287,6 @@ def _scaled(x: np.ndarray, scale: np.ndarray, name: str) -> np.ndarray:
         raise SparseccError(f"{name}: the tensor's last axis has {x.shape[-1:]} channels, its score scale "
                             f"{scale.size}; re-run weight-scores on this model")
     return np.abs(np.asarray(x, np.float32)) * scale
-
-
-def _cache_path(cache_dir: Path | None, model_files: list[Path], source: FeedSource, tensors: list[str]) -> Path | None:
-    """Where statistics of exactly this saved model, data and tensor list are cached."""
-    data_key = source.key()
-    if cache_dir is None or data_key is None:
-        return None
-    parts = [CACHE_VERSION, fingerprint(model_files), data_key, *tensors]
-    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()
-    return Path(cache_dir) / f"hist-{key[:32]}.npz"
 
 
 def default_cache_dir() -> Path:

@@ -48,7 +48,7 @@ def session_options():
 def saved_copy(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Iterator[list[Path]]:
     """Save `model` (with `extra_outputs` as graph outputs) to a temporary folder; yield the
     files. The model is restored on exit, and the folder removed."""
-    values = _values_by_name(model.graph)
+    values = values_by_name(model.graph)
     missing = [name for name in extra_outputs if name not in values]
     if missing:
         raise SparseccError(f"tensor {missing[0]!r} is not in the model")
@@ -124,7 +124,7 @@ def ort_session(model: ir.Model, extra_outputs: Sequence[str] = (), optimize: bo
         yield load_session(files[0], optimize)
 
 
-def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     values = {v.name: v for v in graph.inputs}
     values.update(graph.initializers)
     for node in graph:

@@ -106,3 +106,61 @@ def test_float16_input_and_empty_histogram():
     h.add(x)
     t = h.threshold_for(0.5)
     assert abs(achieved(x.astype(np.float32), t) - 0.5) <= 0.005
+
+
+def reference_bin(v: float) -> int:
+    """The bin of |v| from its value, not its bits: 64 bins per octave from the exponent and the
+    first 6 bits of the mantissa (math.frexp), subnormals by their multiple of 2^-132, inf at
+    the first non-finite bin (NaN checked separately)."""
+    import math
+
+    a = abs(v)
+    if math.isinf(a):
+        return 255 * 64
+    if a < 2.0 ** -126:                      # zero and subnormals: exponent field 0
+        return math.floor(a * 2.0 ** 132)    # mantissa (a / 2^-149) >> 17
+    m, e = math.frexp(a)                     # a = m * 2^e, m in [0.5, 1)
+    return (e + 126) * 64 + math.floor((2 * m - 1) * 64)
+
+
+def edge_values() -> np.ndarray:
+    f32 = np.float32
+    powers = [f32(2.0) ** k for k in range(-149, 128)]
+    near = [np.nextafter(p, f32(0)) for p in powers] + [np.nextafter(p, f32(np.inf)) for p in powers]
+    special = [0.0, -0.0, np.finfo(f32).max, np.finfo(f32).tiny, np.nextafter(np.finfo(f32).tiny, f32(0)),
+               np.finfo(f32).smallest_subnormal, 1.0, 1.5, 1.984375, 1.99999, 3.0, 1e-40, 1e38]
+    x = np.array(powers + near + special, dtype=f32)
+    return np.concatenate([x, -x])
+
+
+def test_bin_counts_equal_the_reference_formula_on_edge_values():
+    from sparsecc.calibration import NONFINITE_BIN, bin_counts
+
+    x = edge_values()
+    for v in x:                           # one value at a time: its count lands in its bin
+        counts = bin_counts(np.array([v], np.float32))
+        assert counts.sum() == 1 and counts[reference_bin(float(v))] == 1, (float(v), np.flatnonzero(counts))
+    expected = np.bincount([reference_bin(float(v)) for v in x], minlength=BINS)
+    np.testing.assert_array_equal(bin_counts(x), expected)
+    # inf and NaN (any sign, any payload) in the non-finite bins, never below
+    nans = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF, 0x7FBFFFFF], np.uint32).view(np.float32)
+    special = np.concatenate([nans, np.array([np.inf, -np.inf], np.float32)])
+    counts = bin_counts(special)
+    # the infinities, and the NaN whose payload lies below the 6 mantissa bits kept, share inf's bin
+    assert counts[NONFINITE_BIN:].sum() == len(special) and counts[NONFINITE_BIN] == 3
+
+
+def test_bin_counts_equal_masking_the_sign_then_shifting_on_every_bit_pattern_kind():
+    """Against the formula it replaces (|x| by masking the sign bit, then the shift), on random
+    bit patterns of every exponent (NaN and inf included) and float16/float64 input."""
+    from sparsecc.calibration import _SHIFT, bin_counts
+
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 2**32, 300_000, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32).reshape(300, 1000)[:, ::3]   # not contiguous
+    masked = np.ascontiguousarray(x).view(np.uint32) & np.uint32(0x7FFFFFFF)
+    np.testing.assert_array_equal(bin_counts(x), np.bincount((masked >> _SHIFT).ravel(), minlength=BINS))
+    for other in (np.float16, np.float64):
+        y = rng.normal(0, 3, 5000).astype(other)
+        ref = np.ascontiguousarray(y, dtype=np.float32).view(np.uint32) & np.uint32(0x7FFFFFFF)
+        np.testing.assert_array_equal(bin_counts(y), np.bincount(ref >> _SHIFT, minlength=BINS))
