@@ -21,6 +21,7 @@ instruction is counted from the program itself, never estimated.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 
 import numpy as np
@@ -32,9 +33,21 @@ from sparsecc.isa import assemble
 F16 = np.float16
 
 
-@functools.lru_cache(maxsize=None)
 def step_counts(tile: LinearTile, registers: int = 64) -> tuple[collections.Counter, collections.Counter]:
     """(instructions of a step with no event, extra instructions per event) of the tile's handler."""
+    return _measured_counts(handler_shape(tile), registers)
+
+
+def handler_shape(tile: LinearTile) -> LinearTile:
+    """The tile with only what decides its handler's control flow: its width and kind. Its name,
+    rows, addresses, route and scale are immediates of the same instructions, so every tile of a
+    shape executes the same counts, measured once (a model has thousands of tiles, few shapes)."""
+    return dataclasses.replace(tile, name="", k0=0, k1=1, n0=0, n1=tile.n1 - tile.n0, weight_base=0, route=0,
+                               event_scale=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_counts(tile: LinearTile, registers: int) -> tuple[collections.Counter, collections.Counter]:
     program = assemble(linear_handler(tile, registers))
     words = tile.buffer_base + tile.buffer_words + 8
     runs = []
