@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sparsecc.backends.seneca.codegen import LinearTile, linear_handler
 from sparsecc.backends.seneca.interpreter import Core, Event, run
-from sparsecc.backends.seneca.linear import round16, run_tile, tile_memory
+from sparsecc.backends.seneca.linear import _measured_counts, round16, run_tile, step_counts, tile_memory
 
 from sparsecc.isa import assemble
 
@@ -234,3 +234,31 @@ def test_int8_weights_with_float_events_match_the_interpreter(registers):
         assert core.counts["MLD"] == len(step) * tile.groups + 2 * tile.groups and core.counts["MAC8"] == 0
         total += core.counts
     assert counts == total and captured == int(np.count_nonzero(out))
+
+
+@pytest.mark.parametrize("registers", [64, 12])
+@pytest.mark.parametrize("kind", [{}, {"int8": True}, {"int8": True, "float_events": True}])
+def test_step_counts_are_measured_once_per_handler_shape(registers, kind):
+    """Tiles of one width and kind share their measured counts: each equals what its own
+    program executes on the interpreter, whatever its name, rows, addresses, route and scale."""
+    tiles = [LinearTile("a", 0, 16, 0, 37, weight_base=0, **kind),
+             LinearTile("other", 300, 301, 100, 137, weight_base=4000, route=3, event_scale=0x1C00 if kind else 0, **kind)]
+    for tile in tiles:
+        assert step_counts(tile, registers) == _measured_counts(tile, registers)
+    assert LinearTile("w", 0, 16, 0, 60, 0, **kind).groups > tiles[0].groups   # a wider tile is another shape
+    assert step_counts(LinearTile("w", 0, 16, 0, 60, 0, **kind), registers)[0] != step_counts(tiles[0], registers)[0]
+
+
+def test_round16_equals_numpys_conversion_bit_for_bit():
+    """The vectorised rounding (ONNX Runtime's Cast pair) against NumPy's float16 conversion on
+    every float32 around the 16-bit subnormal, normal and overflow edges, and random bits."""
+    edges = [np.arange(lo, lo + 0x40000, dtype=np.uint32) for lo in (0, 0x33000000, 0x387E0000, 0x477E0000, 0x7F7E0000)]
+    bits = np.concatenate(edges + [np.random.default_rng(4).integers(0, 2**32, 2**20, dtype=np.uint64).astype(np.uint32)])
+    for x in (bits.view(np.float32), -bits.view(np.float32)):
+        with np.errstate(over="ignore"):
+            want = x.astype(F16).astype(np.float32)
+        got = round16(x.reshape(-1, 64)[:, ::2])      # strided, 2-d: as the simulator passes slices
+        want = want.reshape(-1, 64)[:, ::2]
+        nan = np.isnan(want)
+        assert np.array_equal(np.isnan(got), nan)
+        assert np.array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])

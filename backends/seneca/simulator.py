@@ -34,11 +34,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
+from threadpoolctl import ThreadpoolController
 
 from sparsecc import compensation, ops
 from sparsecc.backends.seneca import cost, dense
@@ -69,7 +72,11 @@ class Work:
     counts: collections.Counter
     cycles: np.ndarray          # per token
     events_captured: int = 0
-    program: str = ""           # the handler's assembly for one token step
+    listing: Callable[[], str] | None = None   # makes the handler's assembly for one token step (lower asks)
+
+    @property
+    def program(self) -> str:
+        return self.listing() if self.listing is not None else ""
 
 
 @dataclasses.dataclass
@@ -233,7 +240,16 @@ class Simulator:
         values for them: a Threshold then keeps exactly the channels the reference kept, a
         QuantizeLinear yields the reference's integers, so a value within rounding of a step
         cannot send the two runs down different paths. Costs still come from the handler's own
-        program."""
+        program.
+
+        BLAS runs on one thread: OpenBLAS sums a product in another order with another thread
+        count, so values (and every threshold decision after them) would depend on the machine's
+        cores; and the tiles' products are small, so on busy cores its threads mostly wait for
+        each other (a 9-head attention product: 1.5 ms on one thread, 190 ms on two)."""
+        with _threadpools().limit(limits=1, user_api="blas"):
+            return self._run(feeds, keep, decisions)
+
+    def _run(self, feeds: dict[str, np.ndarray], keep: tuple[str, ...], decisions) -> StepResult:
         first = np.asarray(feeds[self.graph.inputs[0].name])
         # token ids [.., T], or embeddings [.., T, width]
         tokens = int(first.size if np.issubdtype(first.dtype, np.integer) else first.size // first.shape[-1])
@@ -352,7 +368,7 @@ class Simulator:
             by_n[(n0, n1)].append(partial)
             first.setdefault((n0, n1), tile)
             works.append(Work(tile.core, counts, np.asarray(cycles, F32), captured,
-                              linear_handler(self._shape(tile, self.weight_base[tile]), self.registers)))
+                              functools.partial(linear_handler, self._shape(tile, self.weight_base[tile]), self.registers)))
             macs += int(events.sum()) * (n1 - n0)
         bias = self._bias(node)
         for (n0, n1), partials in by_n.items():
@@ -440,7 +456,7 @@ class Simulator:
         counts = _times(program.counts, tokens)
         captured = int(np.count_nonzero(result)) if send else 0
         return Work(core, counts, np.full(tokens, cost.cycles(program.counts, self.target), F32), captured,
-                    program.text(f"{kind} {node.name}: one token step"))
+                    functools.partial(program.text, f"{kind} {node.name}: one token step"))
 
     # Traffic, energy, latency ---------------------------------------------------------------------
     def _account(self, env, work, tokens, lane_ops, dense_macs, keep) -> StepResult:
@@ -614,6 +630,12 @@ def host_nodes(model: ir.Model, live: set[str] | None = None) -> dict[str, str]:
     return {n.name: f"no seneca handler for {n.op_type}: runs on the host, its cost is not counted"
             for n in model.graph if n.name in live and n.name not in tiled and not ops.is_threshold(n)
             and not dense.supported(n.op_type)}
+
+
+@functools.cache
+def _threadpools() -> ThreadpoolController:
+    """The process's thread pools, found once (a step graph runs once per token)."""
+    return ThreadpoolController()
 
 
 def _is_float(x) -> bool:
