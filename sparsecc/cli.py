@@ -165,14 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list passes, backends or targets")
     ls.add_argument("what", choices=["passes", "backends", "targets"])
 
-    ex = sub.add_parser("export", help="export a PyTorch causal LM as a single-token step graph",
-                        description="Export MODEL (a transformers folder or a .gguf file; RWKV, Mamba, xLSTM or Llama) "
-                                    "as an ONNX step graph, input_ids + state -> logits + new state, and check it "
-                                    "against PyTorch; writes OUT/{model.onnx, report.json} (needs the export extra).")
+    ex = sub.add_parser("export", help="export a transformers causal LM as an ONNX window or step graph",
+                        description="Export MODEL (a transformers folder or a .gguf file: any causal LM that "
+                                    "torch.onnx.export(dynamo=True) takes, e.g. Llama, Qwen2/3, Gemma 2/3, Phi-3, Mistral, "
+                                    "GPT-2, OPT, GPT-NeoX, RWKV, Mamba, xLSTM) as an ONNX window graph (input_ids -> logits) "
+                                    "or step graph (input_ids + state -> logits + new state; the KV cache for attention "
+                                    "models), and check it against PyTorch; writes OUT/{model.onnx, report.json} and the "
+                                    "tokenizer beside (needs the export extra).")
     ex.add_argument("model", help="transformers model folder (config.json + weights) or .gguf file")
     ex.add_argument("-o", "--out", required=True, help="output folder (replaced atomically)")
+    ex.add_argument("--graph", choices=["window", "step"], default="step",
+                    help="window: the whole sequence at once (what compile and eval take for any model); step: one token "
+                         "with its state (default step)")
     ex.add_argument("--check-tokens", type=int, default=16, metavar="N",
-                    help="tokens the ONNX Runtime vs PyTorch check runs on, one at a time (default 16)")
+                    help="tokens the ONNX Runtime vs PyTorch check runs on (a step graph: one at a time; default 16)")
     ex.add_argument("--check-text", metavar="PATH", help="take them from the start of this text (default: random tokens)")
     ins = sub.add_parser("inspect", help="sites, shapes, thresholds and placement of a model or a compile output",
                          description="Show what PATH holds without running it: every linear site (label, layer, shape, MACs "
@@ -363,12 +369,16 @@ def _list(args) -> dict:
 def _export(args) -> dict:
     from sparsecc.export import export
 
-    report = export(args.model, args.out, check_tokens=args.check_tokens, text=args.check_text)
+    report = export(args.model, args.out, graph=args.graph, check_tokens=args.check_tokens, text=args.check_text)
     if not args.json:
         check = report["check"]
-        growth = (f"+{report['state_bytes_per_token']} bytes per token" if report["state_grows"]
-                  else f"{report['state_bytes']} bytes, constant")
-        print(f"{report['arch']} step graph, {report['states']} states ({growth}); ONNX Runtime = PyTorch over "
+        if report["graph"] == "step":
+            growth = (f"+{report['state_bytes_per_token']} bytes per token" if report["state_grows"]
+                      else f"{report['state_bytes']} bytes, constant")
+            form = f"step graph, {report['states']} states ({growth})"
+        else:
+            form = "window graph"
+        print(f"{report['arch']} {form}; ONNX Runtime = PyTorch over "
               f"{check['tokens']} tokens (max |diff| {check['max_abs_diff']:.2g}) -> {Path(args.out) / 'model.onnx'}")
     return report
 

@@ -16,8 +16,8 @@ cannot). Each is checked against the library model run on the whole sequence
   that it is a linear site like the others.
 - xLSTM (mLSTM blocks): per layer the matrix memory C, normalizer n and max m, through the
   library's own block and its native step kernel.
-- Llama decode: per layer the key and value cache [1, kv_heads, past, head_dim]; `new_state`
-  is one longer. The position is the cache's length.
+- Attention decode (any model with a `DynamicCache`): per layer the key and value cache
+  [1, kv_heads, past, head_dim]; `new_state` is one longer. The position is the cache's length.
 """
 from __future__ import annotations
 
@@ -154,18 +154,33 @@ class XlstmStep(nn.Module):
         return (soft_cap(logits, self.lm.config.output_logit_soft_cap), *new_state)
 
 
-class LlamaDecodeStep(nn.Module):
-    arch = "llama"
+class KvCacheDecodeStep(nn.Module):
+    """Any transformers causal LM that keeps its attention cache in a `DynamicCache` (Llama,
+    Qwen, Gemma, Phi-3, Mistral, GPT-2, OPT, GPT-NeoX, ...): the model's own forward on one
+    token with the cache rebuilt from the state. Each state's shape is read from the cache the
+    model itself returns for one token, so no per-architecture sizes are needed. A sliding-window
+    layer keeps its whole cache here (its mask still limits what it attends to)."""
 
     def __init__(self, lm):
         super().__init__()
+        from transformers.cache_utils import DynamicCache
+
         self.lm = lm.eval()
-        cfg = lm.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        shape = (1, cfg.num_key_value_heads, "past", head_dim)
-        self.spec = StepSpec(self.arch, tuple(
-            StateSpec(f"layer {i} {kv} cache", shape, 0.0, 2)
-            for i in range(cfg.num_hidden_layers) for kv in ("key", "value")))
+        with torch.no_grad():
+            cache = lm(input_ids=torch.zeros(1, 1, dtype=torch.int64), use_cache=True).past_key_values
+        if not isinstance(cache, DynamicCache) or not getattr(cache, "layers", None):
+            raise SparseccError(f"{type(lm).__name__} returns no DynamicCache of keys and values, so its decode step "
+                                "cannot carry one; export it with --graph window")
+        self.arch = lm.config.model_type
+        states = []
+        for i, layer in enumerate(cache.layers):
+            for kind, tensor in (("key", layer.keys), ("value", layer.values)):
+                if tensor is None or tensor.dim() != 4 or tensor.shape[2] != 1:
+                    raise SparseccError(f"{type(lm).__name__} layer {i} caches its {kind}s as "
+                                        f"{None if tensor is None else list(tensor.shape)}, not [batch, heads, "
+                                        "positions, head_dim]; export it with --graph window")
+                states.append(StateSpec(f"layer {i} {kind} cache", (1, tensor.shape[1], "past", tensor.shape[3]), 0.0, 2))
+        self.spec = StepSpec(self.arch, tuple(states))
 
     def forward(self, input_ids, *state):
         from transformers.cache_utils import DynamicCache
@@ -176,13 +191,11 @@ class LlamaDecodeStep(nn.Module):
         return (out.logits, *present)
 
 
-WRAPPERS = {"RwkvForCausalLM": RwkvStep, "MambaForCausalLM": MambaStep, "xLSTMForCausalLM": XlstmStep,
-            "LlamaForCausalLM": LlamaDecodeStep}
+# recurrent models, whose state the library keeps in objects of its own
+RECURRENT = {"RwkvForCausalLM": RwkvStep, "MambaForCausalLM": MambaStep, "xLSTMForCausalLM": XlstmStep}
 
 
 def step_module(lm) -> nn.Module:
-    """The step wrapper for a transformers causal LM, or SparseccError naming the supported ones."""
-    cls = WRAPPERS.get(type(lm).__name__)
-    if cls is None:
-        raise SparseccError(f"no step-graph export for {type(lm).__name__}; supported: {', '.join(WRAPPERS)}")
-    return cls(lm)
+    """The step wrapper for a transformers causal LM: its recurrent wrapper, else the KV-cache
+    decode step (SparseccError, naming --graph window, when the model has no such cache)."""
+    return RECURRENT.get(type(lm).__name__, KvCacheDecodeStep)(lm)
