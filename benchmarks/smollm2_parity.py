@@ -37,7 +37,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     source = TextWindows(args.data, args.model_dir, seq_len=args.seq_len, limit=args.windows or None)
-    torch_model, _ = smollm2.load_torch_model(smollm2.gguf_path())
+    from sparsecc.export import load_causal_lm
+
+    torch_model, _ = load_causal_lm(smollm2.gguf_path())
     torch_ppl, ort_ppl = Perplexity(), Perplexity()
     start = time.perf_counter()
     with ort_session(load_model(args.model_dir / "model.onnx")) as session:

@@ -68,19 +68,28 @@ class CompileResult:
     report: dict[str, Any]
     timings: dict[str, float]
 
+    def model_as(self, form: str):
+        """The compiled model as an "ir" (copy), "onnx" (ModelProto) or "graphsurgeon" (Graph) model."""
+        from sparsecc.graph_forms import to_form
 
-def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration: Any = None,
+        return to_form(self.model, form)
+
+
+def compile_model(model_path: Any, passes: list[Pass], calibration: Any = None,
                   out: str | os.PathLike | None = None, target: str = "ort", data: dict | None = None,
                   cache_dir: Path | None = None, dump_after: tuple[str, ...] = (), device: str = "auto",
                   allow_test_split: bool = False) -> CompileResult:
-    """Run `passes` on the model at `model_path` (a file or a compile output folder); with
-    `out`, write the model, reports and the resolved configuration there atomically.
-    `calibration`: a FeedSource (see `data_source`), any iterable of feed dicts, or an ONNX
-    Runtime CalibrationDataReader; a file of it named like a test split is refused unless
-    `allow_test_split`. `device`: where the PyTorch-based passes run (auto, cpu, cuda).
+    """Run `passes` on the model at `model_path` (a path: a file or a compile output folder; or an
+    onnx.ModelProto, onnx_ir.Model or onnx_graphsurgeon.Graph, which is left unchanged; see
+    `CompileResult.model_as`); with `out`, write the model, reports and the resolved configuration
+    there atomically. `calibration`: a FeedSource (see `data_source`), any iterable of feed dicts,
+    or an ONNX Runtime CalibrationDataReader; a file of it named like a test split is refused
+    unless `allow_test_split`. `device`: where the PyTorch-based passes run (auto, cpu, cuda).
     Refused when no pass changes the model and the backend writes nothing of its own (the
     output would be the input as it is)."""
     from sparsecc import backends
+
+    from sparsecc.graph_forms import describe, form_of, to_ir
 
     calibration = as_feed_source(calibration)
     tests = calibration.test_split_files() if calibration is not None and not allow_test_split else []
@@ -88,9 +97,12 @@ def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration
         raise SparseccError(f"the calibration data includes {tests[0]}, named like a test split (calibrating on "
                             "the data you evaluate on hides what sparsity costs); point --calib at training or "
                             "validation text only, or pass --allow-test-split if it is meant")
-    model_path = model_io.model_file(model_path).resolve()
+    if form_of(model_path) == "path":
+        model_path = model_io.model_file(model_path).resolve()
+    source = describe(model_path)
     if out is not None:  # fail before the expensive part; never over what this compile reads
-        model_io.check_output_dir(Path(out), [*model_io.input_files(model_path), *reads(calibration, cache_dir)])
+        inputs = model_io.input_files(model_path) if form_of(model_path) == "path" else []
+        model_io.check_output_dir(Path(out), [*inputs, *reads(calibration, cache_dir)])
     if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise SparseccError(f"cache path {cache_dir} is a file; pass a folder with --cache-dir or use --no-cache")
     backend = backends.get(target)
@@ -98,7 +110,7 @@ def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration
 
     present = {p.name for p in passes}
     passes = list(passes) + [registry.get(name)() for name in backend.requires if name not in present]
-    model = model_io.load_model(model_path)
+    model = to_ir(model_path)
     if "fold-qdq" not in present and any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph):
         passes.insert(0, registry.get("fold-qdq")())   # an already-quantized (QDQ) model: its form first
     if calibration is not None:
@@ -118,10 +130,10 @@ def compile_model(model_path: str | os.PathLike, passes: list[Pass], calibration
         log(f"{target}: declined {len(declined)} node(s), listed in the report: "
             + "; ".join(f"{node}: {reason}" for node, reason in sorted(declined.items())[:3])
             + (" ..." if len(declined) > 3 else ""))
-    spec = pipelines.to_spec(passes, data) | {"source": str(model_path), "sparsecc": __version__}
+    spec = pipelines.to_spec(passes, data) | {"source": source, "sparsecc": __version__}
     report = {
         "schema": reports.SCHEMA, "kind": "compile", "sparsecc": __version__,
-        "source": {"model": str(model_path)},
+        "source": {"model": source},
         "target": {"backend": target, "declined": declined},
         "data": calibration.describe() if calibration is not None else None,
         "passes": [r.to_dict() for r in pass_reports],
@@ -167,19 +179,24 @@ def compiled_config(model_path: str | os.PathLike) -> dict[str, Any]:
     return spec if isinstance(spec, dict) else {}
 
 
-def evaluate(model_path: str | os.PathLike, source: FeedSource, reference: str | os.PathLike | None = None) -> dict:
-    """Evaluate a model (a file or a compile output folder) with the ort backend; compare
+def evaluate(model_path: Any, source: FeedSource, reference: Any = None) -> dict:
+    """Evaluate a model (a path: a file or a compile output folder; or any form compile_model
+    takes) with the ort backend; compare
     against `reference` when given."""
     from sparsecc.backends.ort import OrtBackend
+    from sparsecc.graph_forms import describe, form_of, to_ir
 
-    model_path = model_io.model_file(model_path)
-    reference = model_io.model_file(reference) if reference is not None else None
-    model = model_io.load_model(model_path)
-    ref = model_io.load_model(reference) if reference is not None else None
+    if form_of(model_path) == "path":
+        model_path = model_io.model_file(model_path)
+    if reference is not None and form_of(reference) == "path":
+        reference = model_io.model_file(reference)
+    model = to_ir(model_path)
+    ref = to_ir(reference) if reference is not None else None
     result = OrtBackend().evaluate(model, source, ref)
+    config = compiled_config(Path(model_path)) if form_of(model_path) == "path" else {}
     return {"schema": reports.SCHEMA, "kind": "eval", "sparsecc": __version__,
-            "model": str(Path(model_path).resolve()), "reference": str(Path(reference).resolve()) if reference else None,
-            "method": method(compiled_config(Path(model_path))), "data": source.describe(), "result": result}
+            "model": describe(model_path), "reference": describe(reference) if reference is not None else None,
+            "method": method(config), "data": source.describe(), "result": result}
 
 
 # passes every compile has, or a target adds: they do not tell one method from another

@@ -60,6 +60,13 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     except Exception as exc:  # protobuf's DecodeError and friends carry no useful line
         raise SparseccError(f"{path} is not a valid ONNX model ({type(exc).__name__}); "
                             "check the path or re-export the model") from None
+    validate(model, str(path))
+    _check_external_data(model, path.parent.resolve(), path.resolve())
+    return model
+
+
+def validate(model: ir.Model, path: str) -> ir.Model:
+    """SparseccError unless `model` (named `path` in messages) has a graph of an opset sparsecc takes."""
     if len(model.graph) == 0 or not model.graph.outputs:
         raise SparseccError(f"{path} holds no ONNX graph (empty or not an ONNX file); check the path")
     opset = model.opset_imports.get("", model.graph.opset_imports.get("", 0))
@@ -72,7 +79,6 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         what = f"opset {opset}" if opset > newest else f"IR version {model.ir_version}"
         raise SparseccError(f"{path} uses {what}, newer than onnx {onnx.__version__} knows (opset {newest}, IR "
                             f"version {onnx.IR_VERSION}); re-export it for opset {newest} or upgrade onnx and onnxruntime")
-    _check_external_data(model, path.parent.resolve(), path.resolve())
     _check_tensor_sizes(model)
     return model
 

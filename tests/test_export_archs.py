@@ -28,6 +28,8 @@ from sparsecc import passes as registry
 from sparsecc.backends.seneca.backend import simulate
 from sparsecc.data import as_feed_source
 from sparsecc.model_io import load_model
+
+pytestmark = pytest.mark.architectures   # deselected by default (pyproject.toml): run with -m architectures
 from sparsecc.pipeline import default_pipeline
 from sparsecc.site_names import site_labels
 from sparsecc.sites import analyze, weight_array

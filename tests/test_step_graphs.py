@@ -229,13 +229,17 @@ def test_export_is_byte_identical(exported, tmp_path):
     assert again.read_bytes() == path.read_bytes()
 
 
-def test_unsupported_architecture_is_named():
+def test_any_model_with_a_dynamic_cache_gets_the_kv_decode_step():
+    """GPT-2 (no Llama wrapper of its own): per layer a key and a value cache whose shape is the
+    one the model itself caches, [1, heads, past, head_dim]."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from sparsecc.step_models import step_module
+    from sparsecc.step_models import KvCacheDecodeStep, step_module
 
-    with pytest.raises(SparseccError, match="no step-graph export for GPT2LMHeadModel; supported: RwkvForCausalLM"):
-        step_module(GPT2LMHeadModel(GPT2Config(vocab_size=16, n_embd=8, n_layer=1, n_head=2)))
+    step = step_module(GPT2LMHeadModel(GPT2Config(vocab_size=16, n_embd=8, n_layer=1, n_head=2)))
+    assert isinstance(step, KvCacheDecodeStep) and step.spec.arch == "gpt2"
+    assert [(s.role, s.shape, s.grow_axis) for s in step.spec.states] == [
+        ("layer 0 key cache", (1, 2, "past", 4), 2), ("layer 0 value cache", (1, 2, "past", 4), 2)]
 
 
 def test_read_spec_rejects_a_full_sequence_graph():
