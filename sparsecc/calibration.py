@@ -30,6 +30,7 @@ from sparsecc.errors import SparseccError
 from sparsecc.flag_configs import MAX_REFINE, REFINE  # noqa: F401 (the passes' bound on refine)
 from sparsecc.progress import bar, log
 from sparsecc.model_io import atomic_write, file_lock, fingerprint, remove_unused
+from sparsecc.stepgraph import is_step_graph
 from sparsecc.runtime import load_session, saved_copy, values_by_name
 
 _SHIFT = 17                     # keep 8 exponent + 6 mantissa bits: 64 bins per octave
@@ -224,8 +225,10 @@ def _calibration_copy(model: ir.Model, fetch: list[str]) -> tuple[ir.Model, dict
     copy = model.clone()
     graph = copy.graph
     values = values_by_name(graph)
+    # a step graph keeps its outputs: its session carries new_state.i from step to step
+    kept = list(graph.outputs) if is_step_graph(model) else []
     graph.outputs.clear()
-    graph.outputs.extend(values[name] for name in fetch)
+    graph.outputs.extend(kept + [values[name] for name in fetch if values[name] not in kept])
     remove_unused(graph)
     originals = {node.name: node for node in model.graph if ops.is_threshold(node)}
     levels = {}

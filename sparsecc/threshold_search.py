@@ -234,7 +234,7 @@ class Checkpoint:
         by_label = {self.label(g): g for g in groups}
         try:
             saved = json.loads(self.path.read_text(encoding="utf-8"))
-            history, resumed = saved["history"], {by_label[k]: float(v) for k, v in saved["levels"].items()}
+            history, resumed = saved["history"], {by_label[k]: v for k, v in saved["levels"].items()}  # a level, or per-channel levels
             if not isinstance(history, list):
                 raise TypeError("history")
         except Exception:   # truncated, corrupt or foreign: never resumed from

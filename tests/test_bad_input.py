@@ -689,10 +689,11 @@ def export_truncated_weights(i: Inputs):
 
 
 def export_unsupported_architecture(i: Inputs):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BertConfig
 
-    GPT2LMHeadModel(GPT2Config(vocab_size=16, n_embd=8, n_layer=1, n_head=2)).save_pretrained(i.dir / "gpt2")
-    return ["export", str(i.dir / "gpt2")]
+    BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=16).save_pretrained(i.dir / "bert")   # a config is all the refusal reads
+    return ["export", str(i.dir / "bert")]
 
 
 def export_one_check_token(i: Inputs):
@@ -858,8 +859,8 @@ CORPUS = [
       "pass a transformers folder (config.json + weights)"),
     C(export_truncated_weights, "truncated file", "cannot load", "pass a transformers folder (config.json + weights)"),
     C(export_random_gguf, "random bytes", "not a GGUF file", "pass a transformers folder"),
-    C(export_unsupported_architecture, "bad export source", "no step-graph export for GPT2LMHeadModel",
-      "supported: RwkvForCausalLM"),
+    C(export_unsupported_architecture, "bad export source", "is an encoder-only (masked LM) model (bert), not a causal LM",
+      "or export a decoder-only model"),
     C(export_one_check_token, "zero tokens", "(got 1)", "check_tokens must be between 2 and 4096"),
     C(export_absurd_check_tokens, "absurd size", "(got 1000000000)", "check_tokens must be between 2 and 4096"),
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -331,7 +332,7 @@ def test_deeply_nested_target_file(tmp_path, capfd):
     rc = cli.main(args + ["--no-cache", "-o", str(tmp_path / "o")])
     lines = capfd.readouterr().err.splitlines()
     assert rc == 2 and lines[-1].startswith("sparsecc: error: target file ") and "nested too deeply" in lines[-1]
-    assert all(ln.startswith("[") for ln in lines[:-1]) and not (tmp_path / "o").exists()
+    assert all(ln.startswith(("[", "calibration data:")) for ln in lines[:-1]) and not (tmp_path / "o").exists()
 
 
 # 3. Absurd tensor headers and paths -----------------------------------------------------------------
@@ -511,4 +512,5 @@ def test_ctrl_c_during_start_up_prints_one_line(tmp_path):
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 130, err
     lines = [ln for ln in err.splitlines() if not ln.startswith("import time:")]
-    assert lines == ["sparsecc: interrupted while starting; no output written"], err
+    # one line: "while starting" before the command runs; the heavy imports may come inside it (lazily)
+    assert len(lines) == 1 and re.fullmatch(r"sparsecc: interrupted( while starting)?; no output written", lines[0]), err

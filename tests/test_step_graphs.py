@@ -261,12 +261,14 @@ def test_cli_export_folder(tmp_path, capsys):
 
 
 def test_cli_export_errors(tmp_path, capsys):
-    assert cli.main(["export", str(tmp_path), "-o", str(tmp_path / "out")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["export", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 2
     assert "neither a transformers model folder" in capsys.readouterr().err
     lm = tiny("llama")
     lm.save_pretrained(tmp_path / "src")
+    (tmp_path / "text").mkdir()
     assert cli.main(["export", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--check-text",
-                     str(tmp_path), "--check-tokens", "4"]) == 2
+                     str(tmp_path / "text"), "--check-tokens", "4"]) == 2
     assert "tokenizer.json" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
