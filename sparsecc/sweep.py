@@ -36,6 +36,7 @@ cell is either complete or absent; a second run skips the complete ones.
 """
 from __future__ import annotations
 
+import _thread
 import contextlib
 import itertools
 import json
@@ -45,6 +46,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -64,6 +66,7 @@ SIMULATE_KEYS = {"text": str, "tokenizer": str, "tokens": int, "windows": int}
 RESOURCE_KEYS = ("num_cpus", "num_gpus")
 CELL_FILE = "cell.json"
 MARKER = "sweep.yaml"         # a copy of the sweep file: OUT is a sweep folder and may be resumed
+STOP_FILE = ".stop"           # in OUT while an interrupted sweep stops its cells (see _stopped_by)
 EXTRA = 'pip install -c constraints.txt -e ".[sweep]"'
 # Test-only: CELL=MARKER makes that cell's worker exit hard on its first try (tests/test_sweep.py).
 CRASH_ONCE = "SPARSECC_TEST_CRASH_ONCE"
@@ -272,6 +275,9 @@ def run_cell(cell: dict, out: str, crash_marker: str | None = None) -> dict:
     if crash_marker is not None and not os.path.exists(crash_marker):  # test-only: the first try dies
         Path(crash_marker).touch()
         os._exit(1)
+    stop = Path(out) / STOP_FILE
+    if stop.exists():
+        return {"status": "cancelled"}
     from sparsecc import calibration, runtime
 
     progress.set_verbosity(0)      # cells run side by side: their bars would interleave
@@ -279,7 +285,12 @@ def run_cell(cell: dict, out: str, crash_marker: str | None = None) -> dict:
     before = dict(calibration.STATS)
     started = time.monotonic()
     try:
-        record = _compute(cell, Path(out) / "cells" / cell["name"], calibration.STATS, before)
+        with _stopped_by(stop):
+            record = _compute(cell, Path(out) / "cells" / cell["name"], calibration.STATS, before)
+    except KeyboardInterrupt:
+        if not stop.exists():     # the user's own Ctrl-C (run_cell called outside a sweep)
+            raise
+        return {"status": "cancelled"}
     except SparseccError as exc:
         return failed(cell, str(exc))
     except MemoryError:
@@ -288,6 +299,41 @@ def run_cell(cell: dict, out: str, crash_marker: str | None = None) -> dict:
         return failed(cell, f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}",
                       traceback.format_exc())
     return record | {"seconds": round(time.monotonic() - started, 3)}
+
+
+@contextlib.contextmanager
+def _stopped_by(flag: Path):
+    """Raise KeyboardInterrupt in this thread (a Ray task's: the worker's main thread) once
+    `flag` exists, so the cell unwinds and its temporary folder is removed. The sweep cancels
+    its cells this way, not with ray.cancel, which races a task that is just finishing and
+    aborts the driver (Ray 2.60: "Tried to complete task that was not pending")."""
+    done, lock, fired = threading.Event(), threading.Lock(), threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.1):
+            if flag.exists():
+                with lock:
+                    if not done.is_set():
+                        fired.set()
+                        _thread.interrupt_main()
+                return
+
+    watcher = threading.Thread(target=watch, name="sweep-stop", daemon=True)
+    watcher.start()
+    arrived = False
+    try:
+        yield
+    except KeyboardInterrupt:
+        arrived = True
+        raise
+    finally:
+        with lock:
+            done.set()
+        watcher.join()
+        if fired.is_set() and not arrived:    # fired as the cell finished: its interrupt is due now
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(0.01)
 
 
 def _compute(cell: dict, final: Path, stats: dict, before: dict) -> dict:
@@ -353,6 +399,7 @@ def run_sweep(path: str | os.PathLike, out: str | os.PathLike, address: str | No
     check_output_dir(out, _reads(cells), marker=MARKER)   # the sweep file itself is copied in as is
     _import_ray(address)      # before anything is written
     atomic_write(out / MARKER, lambda f: f.write(Path(path).read_bytes()))
+    (out / STOP_FILE).unlink(missing_ok=True)    # left by a sweep that was killed while stopping
     records = {c["name"]: r for c in cells if (r := complete(c, out)) is not None}
     todo = [c for c in cells if c["name"] not in records]
     progress.log(f"sweep: {len(cells)} cells, {len(records)} complete already, {len(todo)} to run")
@@ -518,15 +565,19 @@ def _outcome(record: dict) -> str:
 
 
 def _cancel(ray, refs: list, out: Path, names: list[str]) -> None:
-    """Stop the running cells: a KeyboardInterrupt in each (so its temporary folder is removed),
-    then kill what is still running, then remove what a killed cell left."""
-    for ref in refs:
-        ray.cancel(ref)
-    _, left = ray.wait(refs, num_returns=len(refs), timeout=10) if refs else ([], [])
-    for ref in left:
-        ray.cancel(ref, force=True)
-    if left:
-        ray.wait(left, num_returns=len(left), timeout=10)
+    """Stop the cells: OUT/.stop tells each running cell to unwind (removing its temporary
+    folder) and each one not yet started to return at once; a cell still running 30 s later is
+    killed, and what it left removed."""
+    stop = out / STOP_FILE
+    stop.touch()
+    try:
+        _, left = ray.wait(refs, num_returns=len(refs), timeout=30) if refs else ([], [])
+        for ref in left:
+            ray.cancel(ref, force=True)
+        if left:
+            ray.wait(left, num_returns=len(left), timeout=10)
+    finally:
+        stop.unlink(missing_ok=True)
     for name in names:
         for leftover in (out / "cells").glob(f".{name}.*-*"):   # atomic_dir's .NAME.tmp-* / .NAME.old-*
             shutil.rmtree(leftover, ignore_errors=True)

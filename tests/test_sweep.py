@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -202,6 +204,23 @@ def test_ctrl_c_leaves_only_complete_cells(ray_address, tmp_path):
     # what is kept is complete: a second run skips it (see the resume test) and runs the rest
     assert all(sweep.complete(c, out) is not None for c in cells if c["name"] in kept)
     assert not (out / "report.json").exists()
+
+
+def test_a_cell_stops_itself_when_the_stop_file_appears(tmp_path):
+    """The sweep's cancellation without ray.cancel (which races a finishing task): the stop
+    file interrupts the cell's thread, and a cell not yet started returns at once."""
+    stop = tmp_path / sweep.STOP_FILE
+    threading.Timer(0.3, stop.touch).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), sweep._stopped_by(stop):
+        while time.monotonic() - start < 20:
+            time.sleep(0.01)
+    assert time.monotonic() - start < 5
+    with sweep._stopped_by(stop.with_name("never")):    # no stop file: nothing happens
+        time.sleep(0.3)
+    [cell] = sweep.load(sweep_file(tmp_path / "sweep.yaml", cells=[{"sparsity": 0.5}]), None)
+    assert sweep.run_cell(cell, str(tmp_path)) == {"status": "cancelled"}
+    assert not (tmp_path / "cells").exists()
 
 
 def test_without_an_address_the_sweep_starts_and_stops_its_own_ray(ray_address, tmp_path):
