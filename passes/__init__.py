@@ -18,12 +18,13 @@ from sparsecc.passes.insert_thresholds import InsertThresholds
 from sparsecc.passes.quantize_activations import QuantizeActivations
 from sparsecc.passes.quantize_weights import QuantizeWeights
 from sparsecc.passes.sequential_search import SequentialSearch
+from sparsecc.passes.smooth_activations import SmoothActivations
 from sparsecc.passes.partition import Partition
 from sparsecc.passes.weight_scores import WeightScores
 
 BUILTIN: dict[str, type[Pass]] = {p.name: p for p in (DiscoverSites, FoldQdq, InsertThresholds, CalibrateThresholds, AllocateSparsity,
                                               QuantizeWeights, QuantizeActivations, SequentialSearch, Partition, GreedyBlocks,
-                                              CompensateLowrank, WeightScores, FinetuneBands, Distill)}
+                                              CompensateLowrank, WeightScores, FinetuneBands, Distill, SmoothActivations)}
 
 
 def registry() -> dict[str, type[Pass]]:

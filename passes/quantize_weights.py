@@ -36,6 +36,7 @@ class QuantizeWeights(Pass):
     """Quantize linear-site weights to symmetric int8/int4 with per-channel or grouped scales."""
 
     name = "quantize-weights"
+    provides = frozenset({"int8-weights"})
     Config = QuantizeWeightsConfig
 
     def run(self, model: ir.Model, ctx: Context) -> PassResult:

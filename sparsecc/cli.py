@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quant", choices=sorted(pipelines.QUANT), help="quantize weights first: w8 = int8 per output "
                    "channel, w4 = int4 in groups of 32 input channels (the quantize-weights pass); w8a8 = w8 and "
                    "int8 events (quantize-activations after the thresholds)")
+    c.add_argument("--smooth", type=float, metavar="ALPHA", help="move the events' outliers into the weights before "
+                   "int8 (SmoothQuant, smooth-activations; ALPHA in [0, 1], e.g. 0.5), folded into norms and up "
+                   "projections; thresholds keep their decisions")
     s = c.add_argument_group("threshold search (see `sparsecc list passes -v` for each pass's options)")
     s.add_argument("--search", choices=pipelines.SEARCHES, help="the pass that sets the thresholds (default "
                    "calibrate-thresholds: one level for all); --sparsity and --refine go to it")

@@ -80,6 +80,18 @@ def raise_threshold(node: ir.Node, floor) -> None:
     _write(node, np.maximum(t, np.asarray(floor, t.dtype)))
 
 
+def rescale_channels(node: ir.Node, s: np.ndarray) -> None:
+    """Make `node` take the same decisions on x / s (s per channel of x's last axis) as it
+    took on x: t / s per channel, and a score scale multiplied by s, so the level (tau) and
+    what a search calibrates, |x_i / s_i| * s_i * c_i, stay as they were."""
+    s = np.asarray(s, np.float32)
+    t = node.inputs[1].const_value.numpy()
+    scale = score_scale(node)
+    node.metadata_props[SCORE_SCALE] = base64.b64encode(
+        ((scale if scale is not None else np.ones_like(s)) * s).astype("<f4").tobytes()).decode("ascii")
+    _write(node, (np.broadcast_to(t, s.shape).astype(np.float64) / s).astype(t.dtype))
+
+
 def threshold_level(node: ir.Node) -> float:
     """The level a Threshold is at: t, or for a weight-aware threshold tau = t_i x c_i at the
     channel of largest c (float32, as t is stored)."""

@@ -40,6 +40,8 @@ FACTS = {
     "thresholds": "Threshold ops",
     "levels": "thresholds set to a sparsity",
     "int8-events": "int8 events (QuantizeLinear on activations)",
+    "int8-weights": "integer weights (quantize-weights)",
+    "smoothed": "events smoothed into the weights (smooth-activations)",
 }
 
 
@@ -53,6 +55,8 @@ def model_facts(model: ir.Model) -> set[str]:
         facts.add("levels")
     if any(n.op_type == "QuantizeLinear" for n in model.graph):
         facts.add("int8-events")
+    if any(n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None for n in model.graph):
+        facts.add("int8-weights")
     return facts
 
 

@@ -51,7 +51,7 @@ def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_cons
                      thresholds: bool = True, search: str = "calibrate-thresholds",
                      search_options: dict[str, Any] | None = None, weight_scores: bool = False,
                      compensate_rank: int = 0, finetune_steps: int = 0, distill_steps: int = 0,
-                     distill_options: dict[str, Any] | None = None) -> list[Pass]:
+                     distill_options: dict[str, Any] | None = None, smooth: float | None = None) -> list[Pass]:
     """The standard sparsification pipeline; with `quant` ("w8", "w4", "w8a8"), weights are
     quantized first, so thresholds are calibrated on the quantized model; "w8a8" then
     quantizes the sites' inputs to int8 (raising thresholds to the quantizer's zero band).
@@ -63,7 +63,9 @@ def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_cons
     on |x| x weight-column norm (weight-scores), `compensate_rank` > 0 adds low-rank
     compensation (compensate-lowrank), `finetune_steps` > 0 learns the bands afterwards
     (finetune-bands) and `distill_steps` > 0 then trains the weights with the thresholds in
-    place (distill, with `distill_options`)."""
+    place (distill, with `distill_options`). `smooth` (an alpha in [0, 1]) moves the events'
+    outliers into the weights first (smooth-activations, SmoothQuant), between inserting the
+    thresholds and quantizing the weights, for int8 events."""
     from sparsecc import passes
 
     if distill_options and not distill_steps:
@@ -74,6 +76,9 @@ def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_cons
         raise SparseccError(f"--quant {quant} calibrates int8 events: pass --calib (text + --tokenizer, or an .npz)")
     extras = (weight_scores or compensate_rank or finetune_steps or distill_steps or search_options
               or search != SEARCHES[0])
+    if smooth is not None and not thresholds:
+        raise SparseccError("smoothing measures the events on calibration data: pass --calib (text + --tokenizer, "
+                            "or an .npz)")
     if extras and not thresholds:
         raise SparseccError("a threshold search, weight scores, compensation or fine-tuning needs calibration "
                             "data: pass --calib (text + --tokenizer, or an .npz)")
@@ -84,10 +89,15 @@ def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_cons
         *([passes.get("finetune-bands")(steps=finetune_steps)] if finetune_steps else []),
         *([_distill(distill_steps, distill_options or {})] if distill_steps else []),
     ] if thresholds else []
+    insert = [passes.get("insert-thresholds")(per_consumer=per_consumer, include_head=include_head)] if thresholds else []
+    weights = [passes.get("quantize-weights")(**QUANT[quant])] if quant else []
+    # smoothing changes the weights, so it comes before they are quantized; the thresholds it
+    # rescales (keeping their decisions) are in place by then
+    early = [*insert, passes.get("smooth-activations")(alpha=smooth), *weights] if smooth is not None else \
+        [*weights, *insert]
     return [
         passes.get("discover-sites")(),
-        *([passes.get("quantize-weights")(**QUANT[quant])] if quant else []),
-        *([passes.get("insert-thresholds")(per_consumer=per_consumer, include_head=include_head)] if thresholds else []),
+        *early,
         *steps,
         *([passes.get("quantize-activations")()] if quant in EVENTS8 else []),
     ]
@@ -119,7 +129,8 @@ def _search(name: str, sparsity: float, mode: str, refine: int, options: dict[st
 # and the other flags that shape the pipeline, with their types (for sweep files).
 FLAG_PASSES = tuple(FLAG_CONFIGS)
 PIPELINE_FLAGS = {"quant": str, "search": str, "search_options": dict, "weight_scores": bool,
-                  "compensate_rank": int, "finetune_steps": int, "distill_steps": int, "distill_options": dict}
+                  "compensate_rank": int, "finetune_steps": int, "distill_steps": int, "distill_options": dict,
+                  "smooth": float}
 
 
 def option_names() -> list[str]:
@@ -140,8 +151,10 @@ def from_options(options: dict[str, Any], thresholds: bool, where: str = "") -> 
         raise SparseccError(f"{at}unknown option {excerpt(unknown[0])}; valid options: {', '.join(option_names())}")
     for key, kind in PIPELINE_FLAGS.items():
         value = options.get(key)
-        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-            raise SparseccError(f"{at}{key} must be {'a mapping' if kind is dict else kind.__name__} (got {excerpt(value)})")
+        allowed = (int, float) if kind is float else kind   # an alpha of 1 is a number too
+        if value is not None and (not isinstance(value, allowed) or (kind is not bool and isinstance(value, bool))):
+            raise SparseccError(f"{at}{key} must be {'a mapping' if kind is dict else 'a number' if kind is float else kind.__name__} "
+                                f"(got {excerpt(value)})")
     configs = {}
     for name in FLAG_PASSES:
         cls = passes.get(name)
@@ -157,7 +170,8 @@ def from_options(options: dict[str, Any], thresholds: bool, where: str = "") -> 
                                 compensate_rank=options.get("compensate_rank") or 0,
                                 finetune_steps=options.get("finetune_steps") or 0,
                                 distill_steps=options.get("distill_steps") or 0,
-                                distill_options=options.get("distill_options"))
+                                distill_options=options.get("distill_options"),
+                                smooth=None if options.get("smooth") is None else float(options["smooth"]))
     except SparseccError as exc:
         if not where:
             raise

@@ -28,7 +28,7 @@ eval-sweep report.
     retries: 2                    # tries again of a cell whose worker died
 
 A cell's options are the compile flags with underscores (sparsity, mode, search, search_options,
-quant, weight_scores, compensate_rank, finetune_steps, per_consumer, include_head, refine),
+quant, smooth, weight_scores, compensate_rank, finetune_steps, per_consumer, include_head, refine),
 or `pipeline: FILE`, plus `target` and `resources` (what Ray reserves for it). Paths are
 relative to where you run. Each cell writes OUT/cells/NAME/ in one atomic step (the compile
 output, eval/, simulation/ and cell.json, which records the settings it was made with), so a

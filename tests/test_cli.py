@@ -110,7 +110,7 @@ def test_console_script_eval(compiled, tmp_path):
 
 
 PASSES = ["allocate-sparsity", "calibrate-thresholds", "compensate-lowrank", "discover-sites", "distill", "finetune-bands", "fold-qdq", "greedy-blocks", "insert-thresholds", "partition",
-          "quantize-activations", "quantize-weights", "sequential-search", "weight-scores"]
+          "quantize-activations", "quantize-weights", "sequential-search", "smooth-activations", "weight-scores"]
 
 
 def test_list_passes_and_backends(capsys):
