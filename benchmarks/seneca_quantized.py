@@ -44,6 +44,8 @@ def main(argv=None) -> None:
     ap.add_argument("--smooth", type=float, metavar="ALPHA", help="add the w8a8 rows with smooth-activations "
                     "(SmoothQuant) at this alpha first")
     ap.add_argument("--ood", type=Path, help="out-of-domain text (default: Debian's fortunes, fetched once)")
+    ap.add_argument("--skip", nargs="*", default=[], metavar="LABEL", help="rows to leave out, e.g. w8 "
+                    "(16-bit is the energy baseline: always run)")
     args = ap.parse_args(argv)
     if args.ood is None:
         from ood_text import fortunes_text
@@ -53,6 +55,7 @@ def main(argv=None) -> None:
     float_ood = sparsecc.evaluate(model, ood)["result"]["perplexity"]
     window = sparsecc.data_source(DATA / "test.txt", args.model_dir, args.tokens, 1)
     quants = [(*q, None) for q in QUANTS] + ([(*q, args.smooth) for q in SMOOTHED] if args.smooth is not None else [])
+    quants = [q for q in quants if q[0] == "16-bit" or q[0] not in args.skip]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for target in args.targets:
