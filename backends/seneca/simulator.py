@@ -35,7 +35,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import re
 from typing import Callable
 
 import numpy as np
@@ -49,19 +48,12 @@ from sparsecc.backends.seneca.codegen import LinearTile, linear_handler
 from sparsecc.backends.seneca.linear import VALUE_FORMATS, run_tile, step_counts, window_counts
 from sparsecc.errors import SparseccError
 from sparsecc.placement import Placement, Tile
+from sparsecc.site_names import node_layers
 from sparsecc.sites import analyze, const_root, int8_operands, int8_weight, weight_array
 from sparsecc.stepgraph import is_step_graph
 from sparsecc.target import Target
 
 F32 = np.float32
-_LAYER = re.compile(r"layers?[._/](\d+)|h[._](\d+)[._/]")
-_ROLE_LAYER = re.compile(r"layer (\d+)\b")
-
-
-def layer_of(node: ir.Node) -> str:
-    """"layer N" from the node's name or its exporter's scope metadata, else "other"."""
-    m = _LAYER.search(node.name or "") or _LAYER.search(node.metadata_props.get("namespace", ""))
-    return f"layer {int(m.group(1) or m.group(2))}" if m else "other"
 
 
 @dataclasses.dataclass
@@ -121,6 +113,8 @@ class Simulator:
         self.sites = {site.node: site for site in analysis.sites}
         self.site_nodes = {node.name: node for node in analysis.nodes}
         self.compensation = compensation.nodes(analysis)   # costed apart in the report
+        # each node's row of the report's per-layer breakdown
+        self.layer = {name: "other" if k is None else f"layer {k}" for name, k in node_layers(model.graph, analysis).items()}
         self.int8 = {name: found for name, node in self.site_nodes.items() if (found := int8_operands(node))}
         # int8 weights with 16-bit float events: (weight, scale)
         self.w8 = {name: found for name, node in self.site_nodes.items()
@@ -152,6 +146,7 @@ class Simulator:
         # a step graph's states: state.i -> its resident record (home core, bytes); new_state.i -> the same
         self.resident = {st.input: st for st in self.placement.states}
         self.state_writes = {st.output: st for st in self.placement.states}
+        self._writer = {v.name: v.producer().name for v in self.outputs if v.name in self.state_writes}
         if is_step_graph(model) and not self.resident:
             raise SparseccError("this step graph was partitioned without its state; re-run compile --target seneca "
                                 "with this sparsecc")
@@ -509,7 +504,7 @@ class Simulator:
                 if core == src:
                     continue
                 prog = dense.receive(nonzero, dense.groups_of(int(np.size(value)) // max(1, tokens)) * tokens)
-                charge(core, layer_of(reader), prog.counts, 0, compensating=receiver_compensating(reader))
+                charge(core, self.layer[reader.name], prog.counts, 0, compensating=receiver_compensating(reader))
                 total_counts.update(prog.counts)
                 per_core[core]["cycles"] += cost.cycles(prog.counts, self.target)
 
@@ -522,8 +517,7 @@ class Simulator:
             nonzero = int(np.count_nonzero(value)) if value is not None else 0
             if not dests or nonzero == 0:
                 continue
-            m = _ROLE_LAYER.match(st.role)
-            layer = f"layer {int(m.group(1))}" if m else "other"
+            layer = self.layer[self._writer[st.output]]
             program = dense.send(dense.groups_of(int(np.size(value)) // tokens))
             program.add("SEND 0", "SYNC 0", "HALT")
             counts, cycles = _times(program.counts, tokens), np.full(tokens, cost.cycles(program.counts, self.target), F32)
@@ -538,7 +532,7 @@ class Simulator:
         for node in self.nodes:
             if node.name not in self.live:
                 continue
-            layer = layer_of(node)
+            layer = self.layer[node.name]
             # arrival of inputs: producer finish + NoC hops (+ one cycle per flit on the link)
             ready = zero
             for v in self._arrivals(node):
