@@ -28,7 +28,7 @@ QUANTS = (("16-bit", None, None), ("w8", "w8", None), ("w8a8", "w8a8", None), ("
 
 def main(argv=None) -> None:
     import sparsecc
-    from sparsecc.backends.seneca.backend import simulate
+    from sparsecc.backends.seneca.simulation import simulate
     from sparsecc.calibration import default_cache_dir
     from sparsecc.passes import get
 

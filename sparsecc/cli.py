@@ -308,7 +308,7 @@ def _eval(args) -> dict:
 
 def _simulate(args) -> dict:
     from sparsecc import compiler
-    from sparsecc.backends.seneca.backend import check_compiled, simulate
+    from sparsecc.backends.seneca.simulation import check_compiled, simulate
     from sparsecc.data import tokenizer_file
     from sparsecc.model_io import check_output_dir, input_files, model_file
 

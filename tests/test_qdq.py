@@ -9,8 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import sparsecc
 from sparsecc import model_io, ops
-from sparsecc.backends.seneca.backend import Agreement
 from sparsecc.backends.seneca.simulator import Simulator
+from sparsecc.backends.seneca.summary import Agreement
 from sparsecc.pass_manager import Context, PassManager
 from sparsecc.passes import get
 from sparsecc.pipeline import default_pipeline

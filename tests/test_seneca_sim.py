@@ -13,9 +13,9 @@ from conftest import float32_target, gpt2_model, llama_model, save
 from sparsecc import cli, model_io, ops
 from sparsecc import passes as registry
 from sparsecc.backends.seneca import dense
-from sparsecc.backends.seneca.backend import Agreement
 from sparsecc.backends.seneca.interpreter import Core, run
 from sparsecc.backends.seneca.simulator import Simulator
+from sparsecc.backends.seneca.summary import Agreement
 from sparsecc.isa import assemble, decode, disassemble
 from sparsecc.pipeline import default_pipeline
 from sparsecc.runtime import ort_session

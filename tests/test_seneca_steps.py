@@ -16,7 +16,7 @@ from conftest import llama_model, save
 from sparsecc import cli, model_io
 from sparsecc import passes as registry
 from sparsecc.backends.seneca import dense
-from sparsecc.backends.seneca.backend import simulate
+from sparsecc.backends.seneca.simulation import simulate
 from sparsecc.backends.seneca.interpreter import Core, run
 from sparsecc.backends.seneca.simulator import Simulator
 from sparsecc.backends.seneca.steps import run_tokens

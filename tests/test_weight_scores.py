@@ -17,7 +17,7 @@ from onnx.reference import ReferenceEvaluator
 import sparsecc
 from sparsecc import model_io, ops
 from sparsecc.backends.ort import OrtBackend
-from sparsecc.backends.seneca.backend import simulate
+from sparsecc.backends.seneca.simulation import simulate
 from sparsecc.backends.seneca.simulator import Simulator
 from sparsecc.calibration import AbsHistogram, collect, statistic
 from sparsecc.data import IterableFeeds, as_feed_source
