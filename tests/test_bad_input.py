@@ -39,7 +39,7 @@ from onnx import TensorProto, helper
 import sparsecc
 from sparsecc import cli
 from sparsecc.errors import SparseccError
-from sparsecc.target import builtin
+from sparsecc.backends.seneca.target import builtin
 
 
 def _external(model: onnx.ModelProto, path: Path) -> Path:

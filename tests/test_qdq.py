@@ -16,7 +16,7 @@ from sparsecc.passes import get
 from sparsecc.pipeline import default_pipeline
 from sparsecc.runtime import ort_session
 from sparsecc.sites import analyze, int8_operands
-from sparsecc.target import load_target
+from sparsecc.backends.seneca.target import load_target
 
 
 def qdq_linear(zero_point: int = 0, activation=TensorProto.INT8) -> object:

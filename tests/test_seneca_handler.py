@@ -11,7 +11,7 @@ from sparsecc.backends.seneca.codegen import LinearTile, linear_handler
 from sparsecc.backends.seneca.interpreter import Core, Event, run
 from sparsecc.backends.seneca.linear import round16, run_tile, step_counts, tile_memory
 
-from sparsecc.isa import assemble
+from sparsecc.backends.seneca.isa import assemble
 
 F16 = np.float16
 

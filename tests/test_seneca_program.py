@@ -11,7 +11,7 @@ from conftest import llama_model, save
 from sparsecc.backends.seneca.simulation import simulate
 from sparsecc.data import as_feed_source
 from sparsecc.errors import SparseccError
-from sparsecc.isa import OPCODES, decode
+from sparsecc.backends.seneca.isa import OPCODES, decode
 from sparsecc.pipeline import default_pipeline
 
 

@@ -23,11 +23,11 @@ from sparsecc.backends.seneca.steps import run_tokens
 from sparsecc.data import as_feed_source
 from sparsecc.errors import SparseccError
 from sparsecc.export import export_step_graph
-from sparsecc.isa import assemble
+from sparsecc.backends.seneca.isa import assemble
 from sparsecc.pipeline import default_pipeline
 from sparsecc.runtime import ort_session
 from sparsecc.stepgraph import read_spec, state_output
-from sparsecc.target import builtin, load_target
+from sparsecc.backends.seneca.target import builtin, load_target
 from test_step_graphs import VOCAB, tiny
 
 ARCHS = ("rwkv", "mamba", "xlstm", "llama")

@@ -26,7 +26,7 @@ from sparsecc.pass_manager import Context, PassManager
 from sparsecc.passes import get
 from sparsecc.pipeline import default_pipeline
 from sparsecc.runtime import ort_session
-from sparsecc.target import load_target
+from sparsecc.backends.seneca.target import load_target
 
 
 def with_scores(passes, **options):

@@ -18,8 +18,10 @@ import numpy as np
 import onnx_ir as ir
 
 from sparsecc.backends.base import Backend
+from sparsecc.backends.seneca.partition import Partition
+from sparsecc.backends.seneca.placement import Placement
 from sparsecc.backends.seneca.program import Image
-from sparsecc.target import Target, load_target
+from sparsecc.backends.seneca.target import Target, load_target
 
 LISTING_TOKENS = 8
 
@@ -28,10 +30,21 @@ class SenecaBackend(Backend):
     name = "seneca"
     description = "SENECA-style event-driven cores: placement, per-core programs, instruction-level simulator"
     requires = ("partition",)
+    passes = (Partition,)
+
+    @classmethod
+    def report_section(cls):
+        from sparsecc.backends.seneca import report
+
+        return report
+
+    @classmethod
+    def doc_sections(cls) -> dict:
+        from sparsecc.backends.seneca.docs import SECTIONS
+
+        return SECTIONS
 
     def target(self, model: ir.Model) -> Target:
-        from sparsecc.placement import Placement
-
         return load_target(Placement.of(model).target)
 
     def declines(self, model: ir.Model) -> dict[str, str]:

@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 
 from sparsecc.errors import SparseccError
-from sparsecc.isa import Instruction
+from sparsecc.backends.seneca.isa import Instruction
 
 LANES = 8
 F16 = np.float16

@@ -28,7 +28,7 @@ import numpy as np
 
 from sparsecc.backends.seneca.codegen import LinearTile, linear_handler
 from sparsecc.backends.seneca.program import event_counts
-from sparsecc.isa import assemble
+from sparsecc.backends.seneca.isa import assemble
 
 F16 = np.float16
 

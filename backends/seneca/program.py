@@ -25,7 +25,7 @@ import numpy as np
 
 from sparsecc.backends.seneca.interpreter import Core, Event, run
 from sparsecc.errors import SparseccError
-from sparsecc.isa import Instruction, assemble, decode, encode
+from sparsecc.backends.seneca.isa import Instruction, assemble, decode, encode
 
 MANIFEST = "sparsecc.program/1"
 WORD_BYTES = 4

@@ -18,7 +18,7 @@ from sparsecc.errors import SparseccError
 from sparsecc.progress import bar
 from sparsecc.runtime import ort_session
 from sparsecc.stepgraph import is_step_graph
-from sparsecc.target import load_target
+from sparsecc.backends.seneca.target import load_target
 
 
 def check_compiled(out_dir: Path) -> None:
