@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import sparsecc
 from conftest import llama_model, save
+from sparsecc.backends.seneca.isa import OPCODES, decode
 from sparsecc.backends.seneca.simulation import simulate
 from sparsecc.data import as_feed_source
 from sparsecc.errors import SparseccError
-from sparsecc.backends.seneca.isa import OPCODES, decode
 from sparsecc.pipeline import default_pipeline
 
 

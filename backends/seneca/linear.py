@@ -27,8 +27,8 @@ import functools
 import numpy as np
 
 from sparsecc.backends.seneca.codegen import LinearTile, linear_handler
-from sparsecc.backends.seneca.program import event_counts
 from sparsecc.backends.seneca.isa import assemble
+from sparsecc.backends.seneca.program import event_counts
 
 F16 = np.float16
 

@@ -43,13 +43,13 @@ import math
 import networkx as nx
 import onnx_ir as ir
 
+from sparsecc.backends.seneca.placement import CATEGORIES, METADATA_KEY, STEP_STATE, WORD, Mesh, Placement, ResidentState, Tile
+from sparsecc.backends.seneca.target import Target, builtin, load_target
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, PassResult, require
-from sparsecc.backends.seneca.placement import CATEGORIES, METADATA_KEY, STEP_STATE, WORD, Mesh, Placement, ResidentState, Tile
 from sparsecc.sites import analyze, const_root, int8_weight
 from sparsecc.stepgraph import is_step_graph, read_spec, state_input, state_output
-from sparsecc.backends.seneca.target import Target, builtin, load_target
 
 MIB = 2**20
 # Ops an attention operand passes through without changing what is stored per position.

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from sparsecc.backends.seneca.interpreter import Core, Event, run
-from sparsecc.errors import SparseccError
 from sparsecc.backends.seneca.isa import Instruction, assemble, decode, encode
+from sparsecc.errors import SparseccError
 
 MANIFEST = "sparsecc.program/1"
 WORD_BYTES = 4

@@ -14,11 +14,11 @@ from sparsecc.backends.seneca.program import Image
 from sparsecc.backends.seneca.simulator import Simulator
 from sparsecc.backends.seneca.steps import simulate_steps
 from sparsecc.backends.seneca.summary import Agreement, simulation_report, step_functions
+from sparsecc.backends.seneca.target import load_target
 from sparsecc.errors import SparseccError
 from sparsecc.progress import bar
 from sparsecc.runtime import ort_session
 from sparsecc.stepgraph import is_step_graph
-from sparsecc.backends.seneca.target import load_target
 
 
 def check_compiled(out_dir: Path) -> None:

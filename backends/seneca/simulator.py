@@ -46,13 +46,13 @@ from sparsecc import compensation, ops
 from sparsecc.backends.seneca import cost, dense
 from sparsecc.backends.seneca.codegen import LinearTile, linear_handler
 from sparsecc.backends.seneca.linear import VALUE_FORMATS, counts_over, run_tile, step_counts
-from sparsecc.backends.seneca.program import Image, event_counts, loops, nest_counts
-from sparsecc.errors import SparseccError
 from sparsecc.backends.seneca.placement import Placement, Tile
+from sparsecc.backends.seneca.program import Image, event_counts, loops, nest_counts
+from sparsecc.backends.seneca.target import Target
+from sparsecc.errors import SparseccError
 from sparsecc.site_names import node_layers
 from sparsecc.sites import analyze, const_root, int8_operands, int8_weight, weight_array
 from sparsecc.stepgraph import is_step_graph
-from sparsecc.backends.seneca.target import Target
 
 F32 = np.float32
 

@@ -34,11 +34,11 @@ from sparsecc.backends.seneca.placement import WORD
 from sparsecc.backends.seneca.program import Image
 from sparsecc.backends.seneca.simulator import Simulator, StepResult
 from sparsecc.backends.seneca.summary import Agreement, _summary, simulation_report, step_functions
+from sparsecc.backends.seneca.target import Target
 from sparsecc.errors import SparseccError
 from sparsecc.progress import bar, log
 from sparsecc.runtime import ort_session
 from sparsecc.stepgraph import LOGITS, TOKEN, StepSpec, read_spec, state_input, state_output
-from sparsecc.backends.seneca.target import Target
 
 CONTEXTS = (64, 512)   # context lengths the state section always reports
 _LAYER_PREFIX = re.compile(r"^layer \d+ ")

@@ -6,9 +6,9 @@ import collections
 import numpy as np
 
 from sparsecc import ops
+from sparsecc.backends.seneca.target import Target
 from sparsecc.site_names import site_labels, site_layers
 from sparsecc.sites import analyze
-from sparsecc.backends.seneca.target import Target
 
 
 def simulation_report(sparse, target: Target, runs: dict, windows: int, tokens: int, sim_seconds: float,
