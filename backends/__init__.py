@@ -14,6 +14,17 @@ def registry() -> dict[str, type[Backend]]:
     return {ep.name: ep.load() for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name)}
 
 
+def report_section(report: dict):
+    """The report section (`Backend.report_section`) of the backend whose run reports have this
+    report's schema, else None."""
+    schema = report.get("schema", "")
+    for cls in registry().values():
+        section = cls.report_section()
+        if section is not None and schema.startswith(section.SCHEMA):
+            return section
+    return None
+
+
 def get(name: str) -> Backend:
     found = registry()
     if name not in found:

@@ -31,7 +31,7 @@ SMOOTHED = (("w8a8 smoothed", "w8a8", None), ("all int8 smoothed", "w8a8", 1.0))
 
 def main(argv=None) -> None:
     import sparsecc
-    from sparsecc.backends.seneca.backend import simulate
+    from sparsecc.backends.seneca.simulation import simulate
     from sparsecc.calibration import default_cache_dir
     from sparsecc.passes import get
 

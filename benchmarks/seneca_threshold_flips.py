@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     from sparsecc import compiler, model_io, ops
     from sparsecc.backends.seneca.simulator import Simulator
     from sparsecc.runtime import ort_session
-    from sparsecc.target import load_target
+    from sparsecc.backends.seneca.target import load_target
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dir", type=Path)

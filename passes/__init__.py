@@ -1,5 +1,6 @@
-"""Built-in passes. Each module holds one pass; `PASSES` maps stable names to classes.
-Third-party passes join through the `sparsecc.passes` entry-point group."""
+"""Built-in passes. Each module holds one pass; `BUILTIN` maps stable names to classes.
+Backends contribute their own (`Backend.passes`, e.g. seneca's `partition`); third-party passes
+join through the `sparsecc.passes` entry-point group."""
 from __future__ import annotations
 
 from importlib.metadata import entry_points
@@ -19,17 +20,21 @@ from sparsecc.passes.quantize_activations import QuantizeActivations
 from sparsecc.passes.quantize_weights import QuantizeWeights
 from sparsecc.passes.sequential_search import SequentialSearch
 from sparsecc.passes.smooth_activations import SmoothActivations
-from sparsecc.passes.partition import Partition
 from sparsecc.passes.weight_scores import WeightScores
 
 BUILTIN: dict[str, type[Pass]] = {p.name: p for p in (DiscoverSites, FoldQdq, InsertThresholds, CalibrateThresholds, AllocateSparsity,
-                                              QuantizeWeights, QuantizeActivations, SequentialSearch, Partition, GreedyBlocks,
+                                              QuantizeWeights, QuantizeActivations, SequentialSearch, GreedyBlocks,
                                               CompensateLowrank, WeightScores, FinetuneBands, Distill, SmoothActivations)}
 
 
 def registry() -> dict[str, type[Pass]]:
-    """Built-in passes plus those registered by installed packages."""
+    """Built-in passes, those of the installed backends, and those registered by installed packages."""
+    from sparsecc import backends
+
     found = dict(BUILTIN)
+    for backend in backends.registry().values():
+        for p in backend.passes:
+            found.setdefault(p.name, p)
     for ep in entry_points(group="sparsecc.passes"):
         if ep.name not in found:
             found[ep.name] = ep.load()

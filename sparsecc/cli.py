@@ -310,8 +310,8 @@ def _eval(args) -> dict:
 
 
 def _simulate(args) -> dict:
-    from sparsecc import compiler
-    from sparsecc.backends.seneca.backend import check_compiled, simulate
+    from sparsecc import backends, compiler
+    from sparsecc.backends.seneca.simulation import check_compiled, simulate
     from sparsecc.data import tokenizer_file
     from sparsecc.model_io import check_output_dir, input_files, model_file
 
@@ -338,7 +338,7 @@ def _simulate(args) -> dict:
                       position_tokens=args.position_tokens)
     speed = compiler.write_simulation_report(out, result)
     if not args.json:
-        print(reports.simulation_summary(result, speed))
+        print(backends.report_section(result).summary(result, speed))
     return result
 
 
@@ -351,7 +351,7 @@ def _list(args) -> dict:
     elif args.what == "backends":
         rows = {name: {"summary": cls.description} for name, cls in backends.registry().items()}
     else:
-        from sparsecc.target import builtin, load_target
+        from sparsecc.backends.seneca.target import builtin, load_target
 
         rows = {}
         for name in builtin():

@@ -228,9 +228,11 @@ def write_simulation_report(out: str | os.PathLike, report: dict) -> dict:
     """A simulation report into `out`, atomically: report.json,
     report.md, report.html and timings.json (its wall-time figures, taken out of `report` so
     the reports stay byte-identical). Returns those figures."""
+    from sparsecc import backends
+
     speed = report.pop("speed")
     with model_io.atomic_dir(out) as tmp:
-        (tmp / "report.md").write_text(reports.simulation_markdown(report), encoding="utf-8")
+        (tmp / "report.md").write_text(backends.report_section(report).markdown(report), encoding="utf-8")
         (tmp / "report.json").write_text(reports.dumps(report), encoding="utf-8")
         (tmp / "timings.json").write_text(reports.dumps(speed), encoding="utf-8")
         (tmp / "report.html").write_text(report_page.render(report), encoding="utf-8")

@@ -5,9 +5,10 @@
 
 Generated: docs/cli.md as a whole (from the argument parser, the passes' configs, the
 built-in backends and targets), and in docs/seneca.md and docs/writing-a-backend.md the parts
-between `<!-- generated: NAME -->` and `<!-- end: NAME -->`: the instruction table (from
-sparsecc.isa and the cost model), the target's entries (from the built-in target file), the
-sample backend package's files (from samples/plugin_backend).
+between `<!-- generated: NAME -->` and `<!-- end: NAME -->`: the sections a built-in backend
+contributes (`Backend.doc_sections`: seneca's instruction set, instruction table and target
+entries, `backends/seneca/docs.py`) and the sample backend package's files (from
+samples/plugin_backend).
 Everything here is independent of the machine: no terminal widths, no paths from the
 environment (the cache folder's default is written as its rule, not its value).
 """
@@ -103,11 +104,12 @@ def _options(actions) -> list[str]:
 def _passes() -> list[str]:
     from sparsecc.passes import BUILTIN
 
-    lines = ["## Passes", "", "Every built-in pass with its options, for pipeline files (`--pipeline`, see "
+    passes = BUILTIN | {p.name: p for ep in _own_backends() for p in ep.load().passes}
+    lines = ["## Passes", "", "Every built-in pass (and those of the built-in backends) with its options, for pipeline files (`--pipeline`, see "
              "`samples/pipeline.yaml`) and `--search-option`. `sparsecc list passes -v` prints the same, with any "
              "installed third-party passes.", ""]
-    for name in sorted(BUILTIN):
-        cls = BUILTIN[name]
+    for name in sorted(passes):
+        cls = passes[name]
         lines += [f"### {name}", "", cls.summary() or "(no summary)", ""]
         fields = cfg.fields(cls.Config)
         if not fields:
@@ -122,9 +124,7 @@ def _passes() -> list[str]:
 def _backends() -> list[str]:
     """The backends sparsecc itself registers (not whatever else is installed here)."""
     lines = ["## Backends (`--target`)", "", "| backend | does | requires |", "|---|---|---|"]
-    own = sorted((ep for ep in distribution("sparsecc").entry_points if ep.group == "sparsecc.backends"),
-                 key=lambda ep: ep.name)
-    for ep in own:
+    for ep in _own_backends():
         cls = ep.load()
         lines.append(f"| `{ep.name}` | {_cell(cls.description)} | {', '.join(cls.requires) or '-'} |")
     lines += ["", "Third-party backends join through the same entry-point group: see "
@@ -132,8 +132,14 @@ def _backends() -> list[str]:
     return lines
 
 
+def _own_backends() -> list:
+    """The entry points of the backends sparsecc ships (third-party ones are not documented here)."""
+    return sorted((ep for ep in distribution("sparsecc").entry_points if ep.group == "sparsecc.backends"),
+                  key=lambda ep: ep.name)
+
+
 def _targets() -> list[str]:
-    from sparsecc.target import builtin, load_target
+    from sparsecc.backends.seneca.target import builtin, load_target
 
     lines = ["## Targets (`partition` pass, `target` option)", "", "| target | cores | description |", "|---|---|---|"]
     for name in builtin():
@@ -149,40 +155,6 @@ def _cell(text: str) -> str:
 
 # ---- docs/seneca.md sections -------------------------------------------------------------------
 
-def isa_table() -> str:
-    from sparsecc.backends.seneca import cost
-    from sparsecc.isa import FORMATS, OPCODES, WIDTH
-
-    lines = ["| opcode | mnemonic | unit | format | operands (bits) | energy entries |", "|---|---|---|---|---|---|"]
-    for name, (code, fmt, unit) in sorted(OPCODES.items(), key=lambda kv: kv[1][0]):
-        operands = ", ".join("[x(5)+imm(15)]" if k == "mem" else f"{k.rstrip('0123456789')}({WIDTH[k]})"
-                             for k in FORMATS[fmt]) or "-"
-        if unit == "npe" and name not in cost._TO_CONTROLLER:
-            energy = " + ".join(cost._NPE[name]) + " (x NPEs)"
-        else:
-            energy = "riscv" + (" + riscv_memory_extra" if name in cost._CONTROLLER_MEMORY else "")
-        if name == "EVC":
-            energy += "; + evc_per_event per event"
-        if name == "SEND":
-            energy += "; + noc_transfer per flit (x hops)"
-        lines.append(f"| {code} | `{name}` | {unit} | {fmt} | {operands} | {energy} |")
-    return "\n".join(lines)
-
-
-def energy_table() -> str:
-    import tomllib
-
-    from sparsecc.target import ENTRIES, builtin
-
-    doc = tomllib.loads(builtin()["seneca"].read_text(encoding="utf-8"))
-    lines = ["| entry | value | source | note |", "|---|---|---|---|"]
-    for section, entries in ENTRIES.items():
-        for key in entries:
-            e = doc[section][key]
-            lines.append(f"| `{section}.{key}` | {e['value']} | {e['source']} | {_cell(e.get('note', ''))} |")
-    return "\n".join(lines)
-
-
 def _sample_file(relative: str, language: str):
     """A file of the sample backend package as a fenced code block."""
     def block() -> str:
@@ -191,25 +163,28 @@ def _sample_file(relative: str, language: str):
     return block
 
 
-def isa_doc() -> str:
-    from sparsecc import isa
-
-    return "```\n" + isa.__doc__.strip("\n") + "\n```"
-
-
-SECTIONS = {"isa-doc": isa_doc, "isa-table": isa_table, "energy-table": energy_table,
-            "plugin-pyproject": _sample_file("pyproject.toml", "toml"),
+SECTIONS = {"plugin-pyproject": _sample_file("pyproject.toml", "toml"),
             "plugin-source": _sample_file("sparsecc_stats/__init__.py", "python")}
 GENERATED_IN = ("seneca.md", "writing-a-backend.md")   # files with generated sections
 
 
+def sections() -> dict:
+    """Every generated section: docgen's own and those the built-in backends contribute."""
+    out = dict(SECTIONS)
+    for ep in _own_backends():
+        out |= ep.load().doc_sections()
+    return out
+
+
 def fill_sections(text: str) -> str:
     """`text` with every generated section replaced by its current content."""
+    known = sections()
+
     def replace(m: re.Match) -> str:
         name = m.group(1)
-        if name not in SECTIONS:
-            raise ValueError(f"unknown generated section {name!r}; known: {', '.join(SECTIONS)}")
-        return f"<!-- generated: {name} -->\n{SECTIONS[name]()}\n<!-- end: {name} -->"
+        if name not in known:
+            raise ValueError(f"unknown generated section {name!r}; known: {', '.join(known)}")
+        return f"<!-- generated: {name} -->\n{known[name]()}\n<!-- end: {name} -->"
 
     return re.sub(r"<!-- generated: ([\w-]+) -->\n.*?<!-- end: \1 -->", replace, text, flags=re.DOTALL)
 

@@ -51,7 +51,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
 
 def describe(model: ir.Model, path: str, report: dict | None = None, placement: dict | None = None) -> dict[str, Any]:
     """The inspect document of an in-memory model, with its compile report and placement JSON."""
-    from sparsecc.placement import Placement
+    from sparsecc.backends.seneca.placement import Placement
 
     analysis = analyze(model.graph)
     sites = analysis.sites
@@ -165,7 +165,7 @@ def _compile_summary(report: dict, setter: str | None) -> dict[str, Any]:
 
 def _placement(model: ir.Model, beside: Path | None) -> dict | None:
     """The placement JSON: placement.json of the folder, else the one stored in the model."""
-    from sparsecc.placement import METADATA_KEY
+    from sparsecc.backends.seneca.placement import METADATA_KEY
 
     if beside is not None and beside.is_file():
         return _read_json(beside)
@@ -179,7 +179,7 @@ def _placement(model: ir.Model, beside: Path | None) -> dict | None:
 
 
 def _placement_summary(doc: dict) -> dict[str, Any]:
-    from sparsecc.placement import Placement
+    from sparsecc.backends.seneca.placement import Placement
 
     p = Placement.from_json(json.dumps(doc))
     return {"target": p.target, "rows": p.rows, "cols": p.cols, "weight_bits": p.weight_bits,

@@ -186,6 +186,42 @@ def site_layers(sites: list[Site]) -> dict[int, int]:
     return out
 
 
+def node_layers(graph: ir.Graph, analysis: Analysis | None = None) -> dict[str, int | None]:
+    """Every node's name -> its layer (None: in no layer), from the site layers (`site_layers`)
+    and the data flow alone. A site is in its own layer. A node that reads a site's output is
+    in the layer of the latest site its value comes from (the ops right after a projection,
+    the residual Adds after o and down); any other node in the layer of the sites its value
+    reaches first (the nearest sites downstream) when those are all in one layer or all in
+    none (a norm before q/k/v, attention before o, the final norm before the head), else in
+    the layer of the latest site upstream (the residual stream, which reaches every later
+    layer; tables and masks shared by all layers come from no site: no layer)."""
+    analysis = analysis or analyze(graph)
+    layers = site_layers(analysis.sites)
+    site_layer = {node.name: layers.get(s.index) for s, node in zip(analysis.sites, analysis.nodes)}
+    nodes = list(graph)
+    up: dict[str, int | None] = {}        # the latest site layer upstream
+    reads_site = set()
+    for node in nodes:
+        if node.name in site_layer:
+            up[node.name] = site_layer[node.name]
+            continue
+        producers = [v.producer().name for v in node.inputs if v is not None and v.producer() is not None]
+        found = [up[p] for p in producers if up[p] is not None]
+        up[node.name] = max(found) if found else None
+        if any(p in site_layer for p in producers):
+            reads_site.add(node.name)
+    down: dict[str, frozenset] = {}       # the layers of the nearest sites downstream (None: a layer-less site)
+    for node in reversed(nodes):
+        reached: set = set()
+        for v in node.outputs:
+            for user, _ in v.uses():
+                reached |= {site_layer[user.name]} if user.name in site_layer else down.get(user.name, frozenset())
+        down[node.name] = frozenset(reached)
+    return {node.name: site_layer[node.name] if node.name in site_layer
+            else next(iter(down[node.name])) if len(down[node.name]) == 1 and node.name not in reads_site
+            else up[node.name] for node in nodes}
+
+
 class _Roles:
     """The role words of a graph's sites (module docstring), from walks through the data flow
     that stop at sites and products."""

@@ -337,7 +337,7 @@ def _stopped_by(flag: Path):
 
 
 def _compute(cell: dict, final: Path, stats: dict, before: dict) -> dict:
-    from sparsecc.backends.seneca.backend import simulate
+    from sparsecc.backends.seneca.simulation import simulate
 
     with atomic_dir(final) as tmp:
         passes, data = pipelines.from_spec(cell["pipeline"], cell["name"])

@@ -272,7 +272,7 @@ def _isolated_env(tmp_path, monkeypatch):
 
 def float32_target(tmp_path):
     """The seneca target with 32-bit values: the simulator must then equal ORT to float32 rounding."""
-    from sparsecc.target import builtin, load_target
+    from sparsecc.backends.seneca.target import builtin, load_target
 
     text = builtin()["seneca"].read_text().replace('value_format = { value = "float16"', 'value_format = { value = "float32"')
     path = tmp_path / "seneca32.toml"

@@ -38,8 +38,8 @@ from onnx import TensorProto, helper
 
 import sparsecc
 from sparsecc import cli
+from sparsecc.backends.seneca.target import builtin
 from sparsecc.errors import SparseccError
-from sparsecc.target import builtin
 
 
 def _external(model: onnx.ModelProto, path: Path) -> Path:

@@ -26,7 +26,7 @@ import sparsecc
 from conftest import SAMPLE, WIKITEXT
 from sparsecc import cli
 from sparsecc import passes as registry
-from sparsecc.backends.seneca.backend import simulate
+from sparsecc.backends.seneca.simulation import simulate
 from sparsecc.data import as_feed_source
 from sparsecc.model_io import load_model
 

@@ -11,8 +11,8 @@ import pytest
 from conftest import SAMPLE, SAMPLE_MODEL, VALID_TXT, mlp_model, save
 
 from sparsecc import cli, ops
+from sparsecc.backends.seneca.placement import Placement
 from sparsecc.inspection import inspect_path, to_text
-from sparsecc.placement import Placement
 from sparsecc.sites import analyze
 from sparsecc.stepgraph import METADATA_KEY, StateSpec, StepSpec
 

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sparsecc.backends.seneca.isa import FORMATS, OPCODES, WIDTH, Instruction, operand_kinds, assemble, decode, disassemble, encode
 from sparsecc.errors import SparseccError
-from sparsecc.isa import FORMATS, OPCODES, WIDTH, Instruction, operand_kinds, assemble, decode, disassemble, encode
 
 SIGNED = {"imm14", "imm15", "imm16", "imm21", "off16", "off26"}
 

@@ -16,12 +16,12 @@ from onnx import TensorProto, helper
 import sparsecc
 from sparsecc import model_io, passes
 from sparsecc import pipeline as pipelines
+from sparsecc.backends.seneca import partition as partition_module
+from sparsecc.backends.seneca.placement import Mesh, Placement
+from sparsecc.backends.seneca.target import builtin
 from sparsecc.errors import PreconditionError, SparseccError
 from sparsecc.pass_manager import Context, PassManager
-from sparsecc.passes import partition as partition_module
-from sparsecc.placement import Mesh, Placement
 from sparsecc.sites import analyze, int8_weight
-from sparsecc.target import builtin
 
 SMALL = {"rows": 8, "cols": 8, "data_memory": 1024}  # 921 usable bytes per core at the default headroom
 

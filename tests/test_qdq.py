@@ -9,14 +9,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 import sparsecc
 from sparsecc import model_io, ops
-from sparsecc.backends.seneca.backend import Agreement
 from sparsecc.backends.seneca.simulator import Simulator
+from sparsecc.backends.seneca.summary import Agreement
+from sparsecc.backends.seneca.target import load_target
 from sparsecc.pass_manager import Context, PassManager
 from sparsecc.passes import get
 from sparsecc.pipeline import default_pipeline
 from sparsecc.runtime import ort_session
 from sparsecc.sites import analyze, int8_operands
-from sparsecc.target import load_target
 
 
 def qdq_linear(zero_point: int = 0, activation=TensorProto.INT8) -> object:

@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO, SAMPLE, SAMPLE_MODEL, TEST_TXT, VALID_TXT, mlp_model, save
 
 from sparsecc import cli, report_page
-from sparsecc.target import builtin, load_target
+from sparsecc.backends.seneca.target import builtin, load_target
 
 ENERGY = {"energy-by-category", "energy-by-layer", "energy-by-core", "latency", "mesh"}
 ALL = set(report_page.FIGURES) - {"training"}   # drawn only for a compile that distilled (tests/test_distill.py)

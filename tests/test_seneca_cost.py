@@ -7,8 +7,8 @@ import re
 import pytest
 from sparsecc.backends.seneca.cost import energy_pj, noc_energy_pj, cycles
 
-from sparsecc.isa import OPCODES
-from sparsecc.target import builtin, load_target
+from sparsecc.backends.seneca.isa import OPCODES
+from sparsecc.backends.seneca.target import builtin, load_target
 
 
 def test_energy_by_category_by_hand():

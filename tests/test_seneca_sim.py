@@ -13,14 +13,14 @@ from conftest import float32_target, gpt2_model, llama_model, save
 from sparsecc import cli, model_io, ops
 from sparsecc import passes as registry
 from sparsecc.backends.seneca import dense
-from sparsecc.backends.seneca.backend import Agreement
 from sparsecc.backends.seneca.interpreter import Core, run
+from sparsecc.backends.seneca.isa import assemble, decode, disassemble
 from sparsecc.backends.seneca.simulator import Simulator
-from sparsecc.isa import assemble, decode, disassemble
+from sparsecc.backends.seneca.summary import Agreement
+from sparsecc.backends.seneca.target import builtin, load_target
 from sparsecc.pipeline import default_pipeline
 from sparsecc.runtime import ort_session
 from sparsecc.sites import analyze
-from sparsecc.target import builtin, load_target
 
 
 def small_cores(tmp_path, data_memory=4096):

@@ -16,18 +16,18 @@ from conftest import llama_model, save
 from sparsecc import cli, model_io
 from sparsecc import passes as registry
 from sparsecc.backends.seneca import dense
-from sparsecc.backends.seneca.backend import simulate
 from sparsecc.backends.seneca.interpreter import Core, run
+from sparsecc.backends.seneca.isa import assemble
+from sparsecc.backends.seneca.simulation import simulate
 from sparsecc.backends.seneca.simulator import Simulator
 from sparsecc.backends.seneca.steps import run_tokens
+from sparsecc.backends.seneca.target import builtin, load_target
 from sparsecc.data import as_feed_source
 from sparsecc.errors import SparseccError
 from sparsecc.export import export_step_graph
-from sparsecc.isa import assemble
 from sparsecc.pipeline import default_pipeline
 from sparsecc.runtime import ort_session
 from sparsecc.stepgraph import read_spec, state_output
-from sparsecc.target import builtin, load_target
 from test_step_graphs import VOCAB, tiny
 
 ARCHS = ("rwkv", "mamba", "xlstm", "llama")

@@ -19,7 +19,7 @@ from sparsecc import cli, model_io
 from sparsecc.data import as_feed_source
 from sparsecc.pass_manager import Context, PassManager
 from sparsecc.passes import get
-from sparsecc.site_names import Name, label, site_labels, threshold_labels
+from sparsecc.site_names import Name, label, node_layers, site_labels, threshold_labels
 from sparsecc.sites import analyze
 
 # conftest model -> {weight initializer: expected label}
@@ -90,6 +90,34 @@ def test_sample_sites_are_named_as_the_pytorch_modules_they_came_from():
     assert named == expected
     assert [named[w] for w in list(named)[:8]] == ["layer 0 q", "layer 0 k", "layer 0 v", "layer 0 o", "layer 0 gate",
                                                    "layer 0 up", "layer 0 down", "layer 1 q"]
+
+
+def test_every_node_of_the_sample_is_in_the_layer_its_exporter_scoped_it_in():
+    """node_layers against the PyTorch module scope the exporter wrote (`layers.N`) for every node
+    whose value depends on the tokens; the few the exporter scoped into layer 0 although every
+    layer reads them (the causal mask) are shape computations. Names are not read: scrambled
+    names give the same layers."""
+    proto = onnx.load(str(SAMPLE_MODEL))
+    model = to_ir(proto)
+    layers = node_layers(model.graph)
+    scoped = {}
+    for node in model.graph:
+        m = re.search(r"layers\.(\d+)\b", node.metadata_props.get("namespace", ""))
+        scoped[node.name] = int(m.group(1)) if m else None
+    from sparsecc.backends.seneca.simulator import data_dependent
+    live = data_dependent(model.graph)[0]
+    assert {n for n in scoped if n in live and layers[n] != scoped[n]} == set()
+    assert sorted(set(layers.values()) - {None}) == [0, 1, 2, 3]
+    scrambled = to_ir(_scrambled(proto, 3))
+    assert [layers[n.name] for n in model.graph] == [k for k in node_layers(scrambled.graph).values()]
+
+
+def test_inserted_thresholds_are_in_the_layer_of_the_sites_they_feed():
+    model = model_io.load_model(SAMPLE_MODEL)
+    PassManager([get("insert-thresholds")()]).run(model, Context())
+    layers, analysis = node_layers(model.graph), analyze(model.graph)
+    site_layer = {s.threshold: layers[s.node] for s in analysis.sites if s.threshold}
+    assert len(site_layer) == 16 and all(layers[t] == k for t, k in site_layer.items())
 
 
 def test_labels_join_sites_and_layers():

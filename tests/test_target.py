@@ -7,8 +7,8 @@ import re
 import pytest
 
 from sparsecc import cli
+from sparsecc.backends.seneca.target import ENTRIES, builtin, load_target
 from sparsecc.errors import SparseccError
-from sparsecc.target import ENTRIES, builtin, load_target
 
 # SENECA.md, "Energy per operation (Frontiers 2023, Table 8; pJ per instruction)".
 PUBLISHED_PJ = {"add": 1.4, "sub": 1.4, "mul": 1.4, "int8x2": 1.2, "compare": 1.2, "eql_abs": 1.1, "logic": 1.1,

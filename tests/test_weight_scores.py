@@ -17,8 +17,9 @@ from onnx.reference import ReferenceEvaluator
 import sparsecc
 from sparsecc import model_io, ops
 from sparsecc.backends.ort import OrtBackend
-from sparsecc.backends.seneca.backend import simulate
+from sparsecc.backends.seneca.simulation import simulate
 from sparsecc.backends.seneca.simulator import Simulator
+from sparsecc.backends.seneca.target import load_target
 from sparsecc.calibration import AbsHistogram, collect, statistic
 from sparsecc.data import IterableFeeds, as_feed_source
 from sparsecc.errors import PreconditionError, SparseccError
@@ -26,7 +27,6 @@ from sparsecc.pass_manager import Context, PassManager
 from sparsecc.passes import get
 from sparsecc.pipeline import default_pipeline
 from sparsecc.runtime import ort_session
-from sparsecc.target import load_target
 
 
 def with_scores(passes, **options):

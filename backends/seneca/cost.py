@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import collections
 
-from sparsecc.isa import OPCODES
-from sparsecc.target import Target
+from sparsecc.backends.seneca.isa import OPCODES
+from sparsecc.backends.seneca.target import Target
 
 CATEGORIES = ("npe", "memory", "controller", "noc")
 # NPE mnemonic -> energy_pj entries it costs (MAC is costed as MUL + ADD, MAC8 as two INT8 ops)

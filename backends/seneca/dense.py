@@ -81,6 +81,7 @@ class Program:
 
     lines: list[str] = dataclasses.field(default_factory=list)
     counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    trips: list[int] = dataclasses.field(default_factory=list)   # of its LOOPs, in program order
 
     def add(self, *instructions: str) -> Program:
         for ins in instructions:
@@ -94,6 +95,7 @@ class Program:
             return self
         self.add(f"LI x{10 + depth}, {trips}", f"LOOP x{10 + depth}, {len(body.lines)}")
         self.lines += body.lines
+        self.trips += [trips, *body.trips]
         for op, n in body.counts.items():
             self.counts[op] += trips * n
         return self
@@ -102,6 +104,7 @@ class Program:
         """`other`'s instructions after these."""
         self.lines += other.lines
         self.counts.update(other.counts)
+        self.trips += other.trips
         return self
 
     def text(self, title: str) -> str:

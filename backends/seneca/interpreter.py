@@ -15,8 +15,8 @@ import dataclasses
 
 import numpy as np
 
+from sparsecc.backends.seneca.isa import Instruction
 from sparsecc.errors import SparseccError
-from sparsecc.isa import Instruction
 
 LANES = 8
 F16 = np.float16

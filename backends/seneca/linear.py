@@ -27,15 +27,15 @@ import functools
 import numpy as np
 
 from sparsecc.backends.seneca.codegen import LinearTile, linear_handler
-from sparsecc.backends.seneca.interpreter import Core, Event, run
-from sparsecc.isa import assemble
+from sparsecc.backends.seneca.isa import assemble
+from sparsecc.backends.seneca.program import event_counts
 
 F16 = np.float16
 
 
 def step_counts(tile: LinearTile, registers: int = 64) -> tuple[collections.Counter, collections.Counter]:
     """(instructions of a step with no event, extra instructions per event) of the tile's handler."""
-    return _measured_counts(handler_shape(tile), registers)
+    return _shape_counts(handler_shape(tile), registers)
 
 
 def handler_shape(tile: LinearTile) -> LinearTile:
@@ -47,16 +47,15 @@ def handler_shape(tile: LinearTile) -> LinearTile:
 
 
 @functools.lru_cache(maxsize=None)
-def _measured_counts(tile: LinearTile, registers: int) -> tuple[collections.Counter, collections.Counter]:
-    program = assemble(linear_handler(tile, registers))
-    words = tile.buffer_base + tile.buffer_words + 8
-    runs = []
-    for events in ([], [Event(tile.k0, F16(0))]):
-        core = Core(memory_words=words, registers=registers)
-        core.inbox.extend(events)
-        run(core, program)
-        runs.append(core.counts)
-    return runs[0], runs[1] - runs[0]
+def _shape_counts(tile: LinearTile, registers: int) -> tuple[collections.Counter, collections.Counter]:
+    return event_counts(tuple(assemble(linear_handler(tile, registers))), registers)
+
+
+def counts_over(base: collections.Counter, per_event: collections.Counter, events: np.ndarray) -> collections.Counter:
+    """Instructions over a window of a handler that executes `base` per step and `per_event` per event."""
+    counts = collections.Counter({op: n * len(events) for op, n in base.items()})
+    counts.update({op: n * int(np.sum(events)) for op, n in per_event.items()})
+    return counts
 
 
 def round16(x: np.ndarray) -> np.ndarray:
@@ -102,10 +101,7 @@ VALUE_FORMATS = {"float16": round16, "float32": as_float32}
 
 def window_counts(tile: LinearTile, events: np.ndarray, registers: int = 64) -> collections.Counter:
     """Instructions the tile's handler executes over a window, `events[t]` events at step t."""
-    base, per_event = step_counts(tile, registers)
-    counts = collections.Counter({op: n * len(events) for op, n in base.items()})
-    counts.update({op: n * int(np.sum(events)) for op, n in per_event.items()})
-    return counts
+    return counts_over(*step_counts(tile, registers), events)
 
 
 def run_tile(tile: LinearTile, weights: np.ndarray, x: np.ndarray, registers: int = 64, round=round16,

@@ -35,7 +35,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import re
 from typing import Callable
 
 import numpy as np
@@ -46,22 +45,16 @@ from threadpoolctl import ThreadpoolController
 from sparsecc import compensation, ops
 from sparsecc.backends.seneca import cost, dense
 from sparsecc.backends.seneca.codegen import LinearTile, linear_handler
-from sparsecc.backends.seneca.linear import VALUE_FORMATS, run_tile, step_counts, window_counts
+from sparsecc.backends.seneca.linear import VALUE_FORMATS, counts_over, run_tile, step_counts
+from sparsecc.backends.seneca.placement import Placement, Tile
+from sparsecc.backends.seneca.program import Image, event_counts, loops, nest_counts
+from sparsecc.backends.seneca.target import Target
 from sparsecc.errors import SparseccError
-from sparsecc.placement import Placement, Tile
+from sparsecc.site_names import node_layers
 from sparsecc.sites import analyze, const_root, int8_operands, int8_weight, weight_array
 from sparsecc.stepgraph import is_step_graph
-from sparsecc.target import Target
 
 F32 = np.float32
-_LAYER = re.compile(r"layers?[._/](\d+)|h[._](\d+)[._/]")
-_ROLE_LAYER = re.compile(r"layer (\d+)\b")
-
-
-def layer_of(node: ir.Node) -> str:
-    """"layer N" from the node's name or its exporter's scope metadata, else "other"."""
-    m = _LAYER.search(node.name or "") or _LAYER.search(node.metadata_props.get("namespace", ""))
-    return f"layer {int(m.group(1) or m.group(2))}" if m else "other"
 
 
 @dataclasses.dataclass
@@ -105,8 +98,9 @@ class Simulator:
     taken out (each Threshold passes its input through): the dense baseline on the same placement,
     without low-rank compensation (its Add passes the site's output through, the rest is not run)."""
 
-    def __init__(self, model: ir.Model, target: Target, dense_baseline: bool = False):
+    def __init__(self, model: ir.Model, target: Target, dense_baseline: bool = False, image: Image | None = None):
         self.placement = Placement.of(model)
+        self.image = image
         self.target = target
         self.dense_baseline = dense_baseline
         # values in memory, events and on the NoC: rounded to the target's format
@@ -121,6 +115,8 @@ class Simulator:
         self.sites = {site.node: site for site in analysis.sites}
         self.site_nodes = {node.name: node for node in analysis.nodes}
         self.compensation = compensation.nodes(analysis)   # costed apart in the report
+        # each node's row of the report's per-layer breakdown
+        self.layer = {name: "other" if k is None else f"layer {k}" for name, k in node_layers(model.graph, analysis).items()}
         self.int8 = {name: found for name, node in self.site_nodes.items() if (found := int8_operands(node))}
         # int8 weights with 16-bit float events: (weight, scale)
         self.w8 = {name: found for name, node in self.site_nodes.items()
@@ -133,6 +129,8 @@ class Simulator:
             shape = self._shape(tile, 0)
             self.weight_base[tile] = used[tile.core]
             used[tile.core] += shape.buffer_base + shape.buffer_words
+        self.tile_counts = self._tile_counts()
+        self._nests: dict[tuple, collections.Counter] = {}
         self.weights: dict[str, np.ndarray] = {}
         self.scales: dict[str, np.ndarray] = {}   # integer sites: the weight scale per neuron (16 bit)
         for name, node in self.site_nodes.items():
@@ -152,6 +150,7 @@ class Simulator:
         # a step graph's states: state.i -> its resident record (home core, bytes); new_state.i -> the same
         self.resident = {st.input: st for st in self.placement.states}
         self.state_writes = {st.output: st for st in self.placement.states}
+        self._writer = {v.name: v.producer().name for v in self.outputs if v.name in self.state_writes}
         if is_step_graph(model) and not self.resident:
             raise SparseccError("this step graph was partitioned without its state; re-run compile --target seneca "
                                 "with this sparsecc")
@@ -355,15 +354,16 @@ class Simulator:
             (k0, k1), (n0, n1) = tile.k, tile.n
             shape = self._shape(tile, 0)
             if x2 is not None:
-                partial, counts, events, captured = run_tile(
+                partial, _, events, captured = run_tile(
                     shape, w[k0:k1, n0:n1], x2[:, k0:k1], self.registers, self.round,
                     *((scale[n0:n1], self.round(np.float32(self._event_scale(node.name)))) if scale is not None else ()))
             else:
                 hit = (ids >= k0) & (ids < k1)
                 events = hit.astype(np.int64)
                 partial = np.where(hit[:, None], w[np.clip(ids, k0, k1 - 1), n0:n1], 0.0).astype(F32)
-                counts, captured = window_counts(shape, events, self.registers), int(np.count_nonzero(partial))
-            base, per_event = step_counts(shape, self.registers)
+                captured = int(np.count_nonzero(partial))
+            base, per_event = self.tile_counts[tile]
+            counts = counts_over(base, per_event, events)
             cycles = cost.cycles(base, self.target) + cost.cycles(per_event, self.target) * events
             by_n[(n0, n1)].append(partial)
             first.setdefault((n0, n1), tile)
@@ -453,10 +453,49 @@ class Simulator:
         if send:
             program.add("SEND 0")
         program.add("SYNC 0", "HALT")
-        counts = _times(program.counts, tokens)
+        step = self._dense_counts(node, core, program)
         captured = int(np.count_nonzero(result)) if send else 0
-        return Work(core, counts, np.full(tokens, cost.cycles(program.counts, self.target), F32), captured,
+        return Work(core, _times(step, tokens), np.full(tokens, cost.cycles(step, self.target), F32), captured,
                     functools.partial(program.text, f"{kind} {node.name}: one token step"))
+
+    # Costs from the program image ---------------------------------------------------------------
+    def _tile_counts(self) -> dict[Tile, tuple[collections.Counter, collections.Counter]]:
+        """Every tile -> (counts of a step, extra counts per event) of its handler: the image's
+        (a node's tiles on a core in (n, k) order, as lowering lays them out), else generated."""
+        if self.image is None:
+            return {tile: step_counts(self._shape(tile, 0), self.registers) for tile in self.placement.tiles}
+        out = {}
+        for name, tiles in self.tiles.items():
+            by_core = collections.defaultdict(list)
+            for tile in sorted(tiles, key=lambda t: (t.n, t.k)):
+                by_core[tile.core].append(tile)
+            for core, mine in by_core.items():
+                loaded = self.image.handlers(core, name)
+                if len(loaded) < len(mine):
+                    raise SparseccError(f"program.bin has {len(loaded)} handlers for {name} on core {core}, the placement "
+                                        f"{len(mine)} tiles; re-run compile --target seneca")
+                for tile, handler in zip(mine, loaded):
+                    out[tile] = event_counts(handler.instructions, self.registers)
+        return out
+
+    def _dense_counts(self, node: ir.Node, core: int, program: dense.Program) -> collections.Counter:
+        """Instructions of one token step of a dense handler: the image's, its loop bounds bound to
+        this window's shapes (`program`, generated for them). Where the window's context changes
+        the nest itself (an attention product's accumulators per group of the context), the image,
+        made for another context, cannot run it and the generated nest is counted."""
+        if self.image is None:
+            return program.counts
+        key = (node.name, tuple(program.trips), len(program.lines))
+        if key not in self._nests:
+            loaded = self.image.handlers(core, node.name)
+            if not loaded:
+                raise SparseccError(f"program.bin has no handler for {node.name} on core {core}; "
+                                    "re-run compile --target seneca")
+            nest = loaded[0].instructions
+            shape = [int(line.split(",")[1]) for line in program.lines if line.split()[0] == "LOOP"]
+            same = len(nest) == len(program.lines) and [n for _, n in loops(nest)] == shape
+            self._nests[key] = nest_counts(nest, program.trips) if same else program.counts
+        return self._nests[key]
 
     # Traffic, energy, latency ---------------------------------------------------------------------
     def _account(self, env, work, tokens, lane_ops, dense_macs, keep) -> StepResult:
@@ -509,7 +548,7 @@ class Simulator:
                 if core == src:
                     continue
                 prog = dense.receive(nonzero, dense.groups_of(int(np.size(value)) // max(1, tokens)) * tokens)
-                charge(core, layer_of(reader), prog.counts, 0, compensating=receiver_compensating(reader))
+                charge(core, self.layer[reader.name], prog.counts, 0, compensating=receiver_compensating(reader))
                 total_counts.update(prog.counts)
                 per_core[core]["cycles"] += cost.cycles(prog.counts, self.target)
 
@@ -522,8 +561,7 @@ class Simulator:
             nonzero = int(np.count_nonzero(value)) if value is not None else 0
             if not dests or nonzero == 0:
                 continue
-            m = _ROLE_LAYER.match(st.role)
-            layer = f"layer {int(m.group(1))}" if m else "other"
+            layer = self.layer[self._writer[st.output]]
             program = dense.send(dense.groups_of(int(np.size(value)) // tokens))
             program.add("SEND 0", "SYNC 0", "HALT")
             counts, cycles = _times(program.counts, tokens), np.full(tokens, cost.cycles(program.counts, self.target), F32)
@@ -538,7 +576,7 @@ class Simulator:
         for node in self.nodes:
             if node.name not in self.live:
                 continue
-            layer = layer_of(node)
+            layer = self.layer[node.name]
             # arrival of inputs: producer finish + NoC hops (+ one cycle per flit on the link)
             ready = zero
             for v in self._arrivals(node):

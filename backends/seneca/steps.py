@@ -30,14 +30,15 @@ from pathlib import Path
 import numpy as np
 
 from sparsecc import model_io, ops
-from sparsecc.backends.seneca.backend import Agreement, _summary, simulation_report, step_functions
+from sparsecc.backends.seneca.placement import WORD
+from sparsecc.backends.seneca.program import Image
 from sparsecc.backends.seneca.simulator import Simulator, StepResult
+from sparsecc.backends.seneca.summary import Agreement, _summary, simulation_report, step_functions
+from sparsecc.backends.seneca.target import Target
 from sparsecc.errors import SparseccError
-from sparsecc.passes.partition import WORD
 from sparsecc.progress import bar, log
 from sparsecc.runtime import ort_session
 from sparsecc.stepgraph import LOGITS, TOKEN, StepSpec, read_spec, state_input, state_output
-from sparsecc.target import Target
 
 CONTEXTS = (64, 512)   # context lengths the state section always reports
 _LAYER_PREFIX = re.compile(r"^layer \d+ ")
@@ -84,11 +85,11 @@ def ort_logits(session, spec: StepSpec, tokens, state: dict[str, np.ndarray]) ->
     return np.concatenate(out, axis=1)
 
 
-def simulate_steps(out_dir: Path, model, target: Target, source, compare: bool, positions=(),
+def simulate_steps(out_dir: Path, model, target: Target, image: Image, source, compare: bool, positions=(),
                    position_source=None, position_tokens: int = 2) -> dict:
-    """`backend.simulate` for a step graph."""
+    """`simulation.simulate` for a step graph."""
     spec = read_spec(model)
-    sparse, dense = Simulator(model, target), Simulator(model, target, dense_baseline=True)
+    sparse, dense = Simulator(model, target, image=image), Simulator(model, target, dense_baseline=True, image=image)
     sites = list(sparse.sites.values())
     thresholds, quantizers = step_functions(sparse)
     steps = thresholds + quantizers

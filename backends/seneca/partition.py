@@ -2,7 +2,7 @@
 
 The pass tags, it does not rewrite: every node gets `metadata_props["sparsecc.cores"]` and the
 model gets the whole placement as JSON in `metadata_props["sparsecc.placement"]`
-(see sparsecc.placement for the data model).
+(see sparsecc.backends.seneca.placement for the data model).
 
 1. Tiles. Each linear site's [K, N] weight is cut into the fewest equal-ish slices of output
    neurons (n) that fit a core; by input channel (k) as well only when one neuron's column
@@ -43,15 +43,14 @@ import math
 import networkx as nx
 import onnx_ir as ir
 
+from sparsecc.backends.seneca.placement import CATEGORIES, METADATA_KEY, STEP_STATE, WORD, Mesh, Placement, ResidentState, Tile
+from sparsecc.backends.seneca.target import Target, builtin, load_target
 from sparsecc.config import option
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, Pass, PassResult, require
-from sparsecc.placement import CATEGORIES, METADATA_KEY, STEP_STATE, Mesh, Placement, ResidentState, Tile
 from sparsecc.sites import analyze, const_root, int8_weight
 from sparsecc.stepgraph import is_step_graph, read_spec, state_input, state_output
-from sparsecc.target import Target, builtin, load_target
 
-WORD = 2          # bytes of a 16-bit activation, accumulator or constant
 MIB = 2**20
 # Ops an attention operand passes through without changing what is stored per position.
 _PASS_THROUGH = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast", "Expand", "Flatten"}

@@ -25,6 +25,7 @@ SCHEMA = "sparsecc.placement/1"
 METADATA_KEY = "sparsecc.placement"   # the model metadata entry holding the placement JSON
 CATEGORIES = ("weights", "states", "constants", "kv")  # what a core's data memory holds
 STEP_STATE = "step_state"   # a step graph's recurrent state (and decode KV cache), resident between tokens
+WORD = 2   # bytes of a 16-bit activation, accumulator, constant or state word in data memory
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Each entry is `{ value = ..., source = "published" | "assumed", note = "..." }`, so a report
 can always say which of its inputs come from the literature and which are sparsecc's
-assumptions. Built-in targets live in `sparsecc/targets/`; any other file can be given by
+assumptions. Built-in targets live in `backends/seneca/targets/`; any other file can be given by
 path. Loading checks that every entry the simulator needs is present, of the right kind and
 in range, and names the first one that is not.
 """
