@@ -10,10 +10,11 @@ from sparsecc import signals
 def main() -> int:
     signals.install()
     try:
-        from sparsecc.cli import main as cli_main
+        with signals.as_interrupt():
+            from sparsecc.cli import main as cli_main
     except KeyboardInterrupt:
         print("sparsecc: interrupted while starting; no output written", file=sys.stderr)
-        return 130
+        return signals.exit_code()
     return cli_main()
 
 

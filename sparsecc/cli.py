@@ -415,14 +415,16 @@ def _sweep(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     signals.install(("SIGTERM", "SIGHUP"))  # unwind like Ctrl-C (the entry point handles SIGINT too)
     try:
-        args = build_parser().parse_args(argv)   # imports every pass: a while
+        with signals.as_interrupt():
+            args = build_parser().parse_args(argv)   # imports every pass: a while
     except KeyboardInterrupt:
         print("sparsecc: interrupted while starting; no output written", file=sys.stderr)
-        return 130
+        return signals.exit_code()
     progress.set_verbosity(0 if args.quiet or args.json else 1 + args.verbose)
     try:
-        result = {"compile": _compile, "eval": _eval, "simulate": _simulate, "list": _list,
-                  "export": _export, "inspect": _inspect, "sweep": _sweep}[args.command](args)
+        with signals.as_interrupt():
+            result = {"compile": _compile, "eval": _eval, "simulate": _simulate, "list": _list,
+                      "export": _export, "inspect": _inspect, "sweep": _sweep}[args.command](args)
     except SparseccError as exc:
         if args.verbose:
             raise
@@ -431,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         kept = "the complete cells are kept; run it again to go on" if args.command == "sweep" else "no output written"
         print(f"sparsecc: interrupted; {kept}", file=sys.stderr)
-        return 130
+        return signals.exit_code()
     except BrokenPipeError:  # stdout closed early (e.g. piped into `head`): not an error
         sys.stdout = open(os.devnull, "w")
         return 0

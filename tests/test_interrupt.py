@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import SAMPLE, SAMPLE_MODEL, VALID_TXT
 
 
@@ -42,3 +43,23 @@ def test_sigint_during_a_search_leaves_nothing_behind(tmp_path):
     assert [p.name for p in scratch.iterdir() if p.name != ".ses"] == []
     leftovers = [p.name for p in cache.rglob("*") if p.is_file() and not p.name.endswith((".npz", ".json", ".lock"))]
     assert leftovers == []                            # no partial statistics or checkpoint
+
+
+def test_a_signal_turned_into_a_library_error_is_still_an_interrupt(monkeypatch, capsys):
+    """onnxruntime turns the KeyboardInterrupt of a Ctrl-C inside its import into ImportError:
+    once a signal came, any error on the way out is the interrupt (exit 128 + signal), and
+    without one an error is itself."""
+    from sparsecc import cli, signals
+
+    def import_interrupted(args):
+        raise ImportError("onnxruntime: KeyboardInterrupt during import")
+
+    monkeypatch.setattr(cli, "_list", import_interrupted)
+    monkeypatch.setattr(signals, "_received", None)
+    with pytest.raises(ImportError):
+        cli.main(["list", "passes"])
+    monkeypatch.setattr(signals, "_received", signal.SIGINT)
+    assert cli.main(["list", "passes"]) == 130
+    assert capsys.readouterr().err == "sparsecc: interrupted; no output written\n"
+    monkeypatch.setattr(signals, "_received", signal.SIGTERM)
+    assert cli.main(["list", "passes"]) == 128 + signal.SIGTERM
