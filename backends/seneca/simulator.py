@@ -129,7 +129,7 @@ class Simulator:
             shape = self._shape(tile, 0)
             self.weight_base[tile] = used[tile.core]
             used[tile.core] += shape.buffer_base + shape.buffer_words
-        self.tile_counts = self._tile_counts()
+        self._tile_counts: dict[str, dict] = {}   # node -> its tiles' handler counts, when it first runs
         self._nests: dict[tuple, collections.Counter] = {}
         self.weights: dict[str, np.ndarray] = {}
         self.scales: dict[str, np.ndarray] = {}   # integer sites: the weight scale per neuron (16 bit)
@@ -362,7 +362,7 @@ class Simulator:
                 events = hit.astype(np.int64)
                 partial = np.where(hit[:, None], w[np.clip(ids, k0, k1 - 1), n0:n1], 0.0).astype(F32)
                 captured = int(np.count_nonzero(partial))
-            base, per_event = self.tile_counts[tile]
+            base, per_event = self._counts_of(node.name)[tile]
             counts = counts_over(base, per_event, events)
             cycles = cost.cycles(base, self.target) + cost.cycles(per_event, self.target) * events
             by_n[(n0, n1)].append(partial)
@@ -459,15 +459,19 @@ class Simulator:
                     functools.partial(program.text, f"{kind} {node.name}: one token step"))
 
     # Costs from the program image ---------------------------------------------------------------
-    def _tile_counts(self) -> dict[Tile, tuple[collections.Counter, collections.Counter]]:
-        """Every tile -> (counts of a step, extra counts per event) of its handler: the image's
-        (a node's tiles on a core in (n, k) order, as lowering lays them out), else generated."""
+    def _counts_of(self, name: str) -> dict[Tile, tuple[collections.Counter, collections.Counter]]:
+        """Each tile of node `name` -> (counts of a step, extra counts per event) of its handler:
+        the image's (its tiles on a core in (n, k) order, as lowering lays them out), else
+        generated. Asked when the node runs on the chip: a table the host reads (a learned
+        position embedding indexed by constants) has tiles but no handler."""
+        if name in self._tile_counts:
+            return self._tile_counts[name]
+        tiles = sorted(self.tiles[name], key=lambda t: (t.n, t.k))
         if self.image is None:
-            return {tile: step_counts(self._shape(tile, 0), self.registers) for tile in self.placement.tiles}
-        out = {}
-        for name, tiles in self.tiles.items():
-            by_core = collections.defaultdict(list)
-            for tile in sorted(tiles, key=lambda t: (t.n, t.k)):
+            out = {tile: step_counts(self._shape(tile, 0), self.registers) for tile in tiles}
+        else:
+            out, by_core = {}, collections.defaultdict(list)
+            for tile in tiles:
                 by_core[tile.core].append(tile)
             for core, mine in by_core.items():
                 loaded = self.image.handlers(core, name)
@@ -476,6 +480,7 @@ class Simulator:
                                         f"{len(mine)} tiles; re-run compile --target seneca")
                 for tile, handler in zip(mine, loaded):
                     out[tile] = event_counts(handler.instructions, self.registers)
+        self._tile_counts[name] = out
         return out
 
     def _dense_counts(self, node: ir.Node, core: int, program: dense.Program) -> collections.Counter:
