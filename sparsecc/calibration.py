@@ -185,7 +185,9 @@ class Collector:
 
     def _measure(self, levels: dict[str, np.ndarray], desc: str) -> dict[str, AbsHistogram]:
         if self._session is None:
-            self._session = load_session(self.files[0])
+            # no spinning: binning between runs needs the core an idle ORT thread would spin on
+            # (twice the wall time per window with it on 2 shared cores; RESULTS.md, 2026-12-07)
+            self._session = load_session(self.files[0], spinning=False)
         return _measure(self._session, self.tensors, self.fetch, self.scores, self.source, levels, desc)
 
     def _cache_path(self, levels: dict[str, np.ndarray]) -> Path | None:
