@@ -97,11 +97,10 @@ def _thresholds(result) -> dict[str, float]:
 
 
 def test_a_pass_over_strided_windows_equals_a_pass_over_those_windows_alone(mlp_path):
-    from sparsecc.calibration import Collector, statistic
-    from sparsecc.pipeline import default_pipeline
-
-    model = sparsecc.compile_model(mlp_path, default_pipeline()[:2]).model
     from sparsecc import ops
+    from sparsecc.calibration import Collector, statistic
+
+    model = sparsecc.compile_model(mlp_path, sparsecc.default_pipeline()[:2]).model   # thresholds at 0
     tensors = sorted({statistic(n) for n in model.graph if ops.is_threshold(n)})
     with Collector(model, tensors, IterableFeeds(CALIB[:10])) as collector:
         every, fourth = collector.measure(every=(1, 4))
