@@ -165,10 +165,9 @@ class Collector:
             return self._measure(levels, every, desc)
         found: dict[int, dict[str, AbsHistogram]] = {}
         with contextlib.ExitStack() as held:
-            try:
-                for cache in sorted(set(caches)):   # one order everywhere: no two processes wait on each other
-                    held.enter_context(file_lock(cache, waiting=lambda cache=cache: log(
-                        f"{desc}: waiting for another process computing {cache.name}")))
+            try:   # one lock per pass, its first entry's: the dense pass, stride 1 first, shares it with any other
+                held.enter_context(file_lock(caches[0], waiting=lambda: log(
+                    f"{desc}: waiting for another process computing {caches[0].name}")))
             except OSError as exc:   # an unwritable cache folder: calibrate without it
                 log(f"warning: {desc}: cannot use the calibration cache {caches[0].parent} ({exc.strerror}); "
                     "calibrating without it")
