@@ -27,7 +27,7 @@ STAGES = {
     "save model copy": [("model_io.py", "save_model")],
     "create session": [("onnxruntime_inference_collection.py", "_create_inference_session")],
     "ORT run (+ fetch)": [("runtime.py", "run")],
-    "binning |x|": [("calibration.py", "add")],
+    "binning |x|": [("calibration.py", "bin_counts")],
 }
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import onnx_ir as ir
 
 from sparsecc import compensation, ops
-from sparsecc.calibration import AbsHistogram, Collector, statistic
+from sparsecc.calibration import AbsHistogram, Collector, shifted, statistic
 from sparsecc.flag_configs import CalibrateThresholdsConfig
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Context, PassResult
@@ -44,10 +44,18 @@ class CalibrateThresholds(ThresholdSearch):
                       for n in model.graph if ops.is_threshold(n)]
         natural = [s for s in sites if s.natural and not s.head]
         tensors = [th.source for th in thresholds] + [s.consumes for s in natural]
-        rounds = 1 + self.config.refine
+        rounds, every = 1 + self.config.refine, self.config.refine_every if self.config.refine else 1
         with Collector(model, tensors, ctx.calibration, ctx.cache_dir) as collector:
             for round_ in range(rounds):
-                hists = collector.measure(desc=f"calibrating ({round_ + 1}/{rounds})")
+                desc = f"calibrating ({round_ + 1}/{rounds})"
+                if every == 1:
+                    hists = collector.measure(desc)[0]
+                elif round_ == 0:   # the dense pass, and its share that the refine rounds revisit
+                    hists, base = collector.measure(desc, every=(1, every))
+                    dense = hists
+                else:
+                    now = collector.measure(desc, every=(every,))[0]
+                    hists = {name: shifted(dense[name], base[name], now[name]) for name in tensors}
                 level = self._level(thresholds, natural, hists)
                 for th in thresholds:
                     t = hists[th.source].threshold_for(level)

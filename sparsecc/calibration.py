@@ -7,7 +7,9 @@ fixed whatever the amount of data, and results do not depend on batch order.
 
 `collect` streams feeds through ONNX Runtime with only the wanted tensors as extra outputs
 and keeps one histogram per tensor; results are cached on disk under a key made of the
-exact saved model, the data and the tensor list.
+exact saved model, the data and the tensor list. A `Collector` can also measure every N-th
+window only, and `shifted` carries what such a measurement changed (a refine round behind
+new thresholds) over to the statistics of all windows.
 
 A weight-aware threshold (ops.set_score_scale) is calibrated on its score |x_i| * c_i, not
 on |x|: `statistic(node)` names what a Threshold's level is calibrated on (its input tensor,
@@ -120,7 +122,7 @@ def collect(model: ir.Model, tensors: list[str], source: FeedSource, cache_dir: 
     |x_i| * c_i for a weight-aware threshold's `statistic`. With `cache_dir`, an entry is
     computed by one process at a time (others wait for it, then read it)."""
     with Collector(model, tensors, source, cache_dir) as collector:
-        return collector.measure(desc)
+        return collector.measure(desc)[0]
 
 
 class Collector:
@@ -153,50 +155,62 @@ class Collector:
         self._session = None
         self._stack.close()
 
-    def measure(self, desc: str = "calibrating") -> dict[str, AbsHistogram]:
-        """The histograms with the model's thresholds as they are now."""
+    def measure(self, desc: str = "calibrating", every: tuple[int, ...] = (1,)) -> list[dict[str, AbsHistogram]]:
+        """The histograms with the model's thresholds as they are now: for each stride in
+        `every`, those over every such window of the source (1: all, 4: windows 0, 4, 8, ...),
+        all from one pass over the windows any of them needs."""
         levels = {name: node.inputs[1].const_value.numpy() for name, node in self._levels.items()}
-        cache = self._cache_path(levels)
-        if cache is None:
-            return self._measure(levels, desc)
+        caches = [self._cache_path(levels, step) for step in every]
+        if caches[0] is None:
+            return self._measure(levels, every, desc)
+        found: dict[int, dict[str, AbsHistogram]] = {}
         with contextlib.ExitStack() as held:
-            try:
-                held.enter_context(file_lock(cache, waiting=lambda: log(
-                    f"{desc}: waiting for another process computing {cache.name}")))
+            try:   # one lock per pass, its first entry's: the dense pass, stride 1 first, shares it with any other
+                held.enter_context(file_lock(caches[0], waiting=lambda: log(
+                    f"{desc}: waiting for another process computing {caches[0].name}")))
             except OSError as exc:   # an unwritable cache folder: calibrate without it
-                log(f"warning: {desc}: cannot use the calibration cache {cache.parent} ({exc.strerror}); "
+                log(f"warning: {desc}: cannot use the calibration cache {caches[0].parent} ({exc.strerror}); "
                     "calibrating without it")
-                return self._measure(levels, desc)
-            if cache.exists():
-                cached = _read_cache(cache, len(self.tensors))
-                if cached is not None:
-                    log(f"{desc}: reusing cached statistics {cache.name}")
-                    STATS["reused"] += 1
-                    return {name: AbsHistogram(counts) for name, counts in zip(self.tensors, cached)}
-                log(f"warning: {desc}: cached statistics {cache} are unreadable (corrupt or truncated); "
-                    "recomputing them")
-            hists = self._measure(levels, desc)
-            arrays = {f"h{i}": hists[name].counts for i, name in enumerate(self.tensors)}
-            try:
-                atomic_write(cache, lambda f: np.savez_compressed(f, **arrays))
-            except (OSError, SparseccError) as exc:
-                log(f"warning: {desc}: cannot write the calibration cache {cache} ({exc}); continuing without it")
-            return hists
+                return self._measure(levels, every, desc)
+            for step, cache in zip(every, caches):
+                if cache.exists():
+                    cached = _read_cache(cache, len(self.tensors))
+                    if cached is not None:
+                        log(f"{desc}: reusing cached statistics {cache.name}")
+                        STATS["reused"] += 1
+                        found[step] = {name: AbsHistogram(counts) for name, counts in zip(self.tensors, cached)}
+                        continue
+                    log(f"warning: {desc}: cached statistics {cache} are unreadable (corrupt or truncated); "
+                        "recomputing them")
+            missing = [step for step in every if step not in found]
+            for step, hists in zip(missing, self._measure(levels, tuple(missing), desc) if missing else []):
+                found[step] = hists
+                arrays = {f"h{i}": hists[name].counts for i, name in enumerate(self.tensors)}
+                cache = caches[every.index(step)]
+                try:
+                    atomic_write(cache, lambda f: np.savez_compressed(f, **arrays))
+                except (OSError, SparseccError) as exc:
+                    log(f"warning: {desc}: cannot write the calibration cache {cache} ({exc}); continuing without it")
+        return [found[step] for step in every]
 
-    def _measure(self, levels: dict[str, np.ndarray], desc: str) -> dict[str, AbsHistogram]:
+    def _measure(self, levels: dict[str, np.ndarray], every: tuple[int, ...], desc: str) -> list[dict[str, AbsHistogram]]:
         if self._session is None:
-            self._session = load_session(self.files[0])
-        return _measure(self._session, self.tensors, self.fetch, self.scores, self.source, levels, desc)
+            # no spinning: binning between runs needs the core an idle ORT thread would spin on
+            # (twice the wall time per window with it on 2 shared cores; RESULTS.md, 2026-12-07)
+            self._session = load_session(self.files[0], spinning=False)
+        return _measure(self._session, self.tensors, self.fetch, self.scores, self.source, levels, every, desc)
 
-    def _cache_path(self, levels: dict[str, np.ndarray]) -> Path | None:
-        """Where statistics of exactly this saved model, data, tensor list and t values are cached."""
+    def _cache_path(self, levels: dict[str, np.ndarray], every: int = 1) -> Path | None:
+        """Where statistics of exactly this saved model, data (every `every`-th window), tensor
+        list and t values are cached."""
         if self._key is None:
             return None
         digest = hashlib.sha256()
         for name in sorted(levels):
             t = levels[name]
             digest.update(f"{name}:{t.dtype}:{t.shape}:".encode() + t.tobytes())
-        key = hashlib.sha256("\n".join([*self._key, digest.hexdigest()]).encode()).hexdigest()
+        windows = [] if every == 1 else [f"every {every} windows"]
+        key = hashlib.sha256("\n".join([*self._key, *windows, digest.hexdigest()]).encode()).hexdigest()
         return Path(self.cache_dir) / f"hist-{key[:32]}.npz"
 
 
@@ -242,22 +256,42 @@ def _calibration_copy(model: ir.Model, fetch: list[str]) -> tuple[ir.Model, dict
 
 
 def _measure(session, tensors: list[str], fetch: list[str], scores: dict, source: FeedSource,
-             levels: dict[str, np.ndarray], desc: str) -> dict[str, AbsHistogram]:
-    hists = {name: AbsHistogram() for name in tensors}
+             levels: dict[str, np.ndarray], every: tuple[int, ...], desc: str) -> list[dict[str, AbsHistogram]]:
+    sets = [{name: AbsHistogram() for name in tensors} for _ in every]
     inputs = [i.name for i in session.get_inputs() if i.name not in levels]
-    for feed in bar(source.feeds(inputs), total=len(source), desc=desc):
+    runs = sum(1 for i in range(len(source)) if any(i % step == 0 for step in every))
+    feeds = ((feed, [hists for step, hists in zip(every, sets) if i % step == 0])
+             for i, feed in enumerate(source.feeds(inputs)))
+    for feed, into in bar(((f, h) for f, h in feeds if h), total=runs, desc=desc):
         arrays = dict(zip(fetch, session.run(fetch, feed | levels)))
         for name in tensors:
             if name in scores:
                 tensor, scale = scores[name]
-                hists[name].add(_scaled(arrays[tensor], scale, name))
+                counts = bin_counts(_scaled(arrays[tensor], scale, name))
             else:
-                hists[name].add(arrays[name])
-            if hists[name].nonfinite:
+                counts = bin_counts(arrays[name])
+            if counts[NONFINITE_BIN:].any():
                 raise SparseccError(f"{desc}: tensor {name!r} has NaN or infinite values on the calibration data; "
                                     "check the feeds (or the model's numerics on them)")
-    STATS["computed"] += 1
-    return hists
+            for hists in into:
+                hists[name].counts += counts
+    STATS["computed"] += len(sets)
+    return sets
+
+
+def shifted(full: AbsHistogram, base: AbsHistogram, now: AbsHistogram) -> AbsHistogram:
+    """|x| over all windows as a round measured on a subset of them sees it: the distribution
+    of `full` (all windows, earlier thresholds) moved by what changed on the subset, `now` less
+    `base` (the same windows under the earlier thresholds), so the subset's own sampling noise
+    cancels (a difference estimator of the cumulative distribution, kept monotone), in counts
+    of `full`'s total."""
+    def cdf(h: AbsHistogram) -> np.ndarray:
+        return np.cumsum(h.counts) / max(h.total, 1)
+
+    cum = np.clip(np.maximum.accumulate(cdf(full) + cdf(now) - cdf(base)), 0.0, 1.0)
+    cum = np.rint(cum * full.total).astype(np.int64)
+    cum[-1] = full.total
+    return AbsHistogram(np.diff(cum, prepend=0))
 
 
 SCORE_PREFIX = "score:"

@@ -31,6 +31,9 @@ class CalibrateThresholdsConfig:
     refine: int = option(1, "re-calibrations with the thresholds in place, so each tensor is measured "
                             "as it will be seen behind the upstream thresholds (0: dense statistics only)",
                      within=REFINE)
+    refine_every: int = option(4, "the refine rounds re-measure every N-th calibration window and carry "
+                                  "what they change over to the others' dense statistics (1: every window)",
+                               within="[1, inf)")
 
 
 # pass name -> its config, in the order their flags appear (pipeline.FLAG_PASSES)

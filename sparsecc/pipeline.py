@@ -47,7 +47,8 @@ SEARCHES = ("calibrate-thresholds", "allocate-sparsity", "greedy-blocks", "seque
 
 
 def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_consumer: bool = False,
-                     include_head: bool = False, refine: int = 1, quant: str | None = None,
+                     include_head: bool = False, refine: int = 1,
+                     refine_every: int = FLAG_CONFIGS["calibrate-thresholds"].refine_every, quant: str | None = None,
                      thresholds: bool = True, search: str = "calibrate-thresholds",
                      search_options: dict[str, Any] | None = None, weight_scores: bool = False,
                      compensate_rank: int = 0, finetune_steps: int = 0, distill_steps: int = 0,
@@ -58,8 +59,8 @@ def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_cons
     `thresholds=False`: no thresholds (a model compiled as it is, e.g. a QDQ model for the
     seneca backend).
 
-    `search` names the pass that sets the thresholds (one of SEARCHES), with `sparsity` and
-    `refine` where it has them and `search_options` for the rest. `weight_scores` thresholds
+    `search` names the pass that sets the thresholds (one of SEARCHES), with `sparsity`,
+    `refine` and `refine_every` where it has them and `search_options` for the rest. `weight_scores` thresholds
     on |x| x weight-column norm (weight-scores), `compensate_rank` > 0 adds low-rank
     compensation (compensate-lowrank), `finetune_steps` > 0 learns the bands afterwards
     (finetune-bands) and `distill_steps` > 0 then trains the weights with the thresholds in
@@ -85,7 +86,7 @@ def default_pipeline(sparsity: float = 0.5, mode: str = "mac-weighted", per_cons
     steps = [
         *([passes.get("weight-scores")()] if weight_scores else []),
         *([passes.get("compensate-lowrank")(rank=compensate_rank)] if compensate_rank else []),
-        _search(search, sparsity, mode, refine, search_options or {}),
+        _search(search, sparsity, mode, refine, refine_every, search_options or {}),
         *([passes.get("finetune-bands")(steps=finetune_steps)] if finetune_steps else []),
         *([_distill(distill_steps, distill_options or {})] if distill_steps else []),
     ] if thresholds else []
@@ -110,7 +111,7 @@ def _distill(steps: int, options: dict[str, Any]) -> Pass:
     return cls(cfg.build(cls.Config, {"steps": steps} | options, "distill"))
 
 
-def _search(name: str, sparsity: float, mode: str, refine: int, options: dict[str, Any]) -> Pass:
+def _search(name: str, sparsity: float, mode: str, refine: int, refine_every: int, options: dict[str, Any]) -> Pass:
     """The threshold-setting pass `name`, given the target and refinement where it takes them."""
     from sparsecc import passes
 
@@ -120,7 +121,7 @@ def _search(name: str, sparsity: float, mode: str, refine: int, options: dict[st
     known = {f.name for f in cfg.fields(cls.Config)}
     if mode != "mac-weighted" and "mode" not in known:
         raise SparseccError(f"--mode {mode} applies to calibrate-thresholds only; {name} meets a model-wide target")
-    given = {"sparsity": sparsity, "refine": refine, "mode": mode}
+    given = {"sparsity": sparsity, "refine": refine, "refine_every": refine_every, "mode": mode}
     values = {k: v for k, v in given.items() if k in known} | options
     return cls(cfg.build(cls.Config, values, name))
 

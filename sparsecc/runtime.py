@@ -63,16 +63,21 @@ def saved_copy(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Iterator[l
             outputs.remove(value)
 
 
-def load_session(path: Path, optimize: bool = True):
+def load_session(path: Path, optimize: bool = True, spinning: bool = True):
     """An ONNX Runtime CPU session on a saved model, with a one-line error on failure; for a
     step graph, a `StepSession` that runs a window of tokens one by one. Without
     `optimize`, ORT runs the graph as written (its fusions can change numerics, e.g. the
-    DequantizeLinear + MatMul fusion quantizes the activations)."""
+    DequantizeLinear + MatMul fusion quantizes the activations). Without `spinning`, ORT's
+    idle threads sleep instead of busy-waiting for work: for a caller that does work of its
+    own between runs (calibration bins every output), a spinning thread takes that work's
+    core (results are the same either way)."""
     import onnxruntime as ort
 
     options = session_options()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:

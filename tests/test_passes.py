@@ -176,7 +176,7 @@ def test_pass_reports():
     assert discover["details"]["macs_per_token"] == {"all": 2048 * 3 + 1536 * 2 + 320, "body": 2048 * 3 + 1536 * 2}
     assert insert["changed"] is True and insert["details"]["thresholds"] == 3 and insert["details"]["sites"] == 4
     assert insert["details"]["skipped"]["natural"] == ["out"] and insert["details"]["skipped"]["head"] == ["head"]
-    assert calibrate["config"] == {"sparsity": 0.5, "mode": "mac-weighted", "refine": 1}
+    assert calibrate["config"] == {"sparsity": 0.5, "mode": "mac-weighted", "refine": 1, "refine_every": 4}
     # Running insert-thresholds again adds nothing.
     again = PassManager([passes.get("insert-thresholds")()]).run(model, Context())[0]
     assert again.changed is False and again.details["thresholds"] == 0
@@ -214,7 +214,8 @@ def test_config_yaml_reproduces_the_run(mlp_path, mlp_npz, tmp_path, capsys, mon
                         "--refine", "0", "--windows", "6", cache=tmp_path / "cache") == 0
     config = yaml.safe_load((first / "config.yaml").read_text())
     assert config["passes"][1] == {"pass": "insert-thresholds", "per_consumer": True, "include_head": False}
-    assert config["passes"][2] == {"pass": "calibrate-thresholds", "sparsity": 0.35, "mode": "uniform", "refine": 0}
+    assert config["passes"][2] == {"pass": "calibrate-thresholds", "sparsity": 0.35, "mode": "uniform", "refine": 0,
+                                   "refine_every": 4}
     assert config["data"]["windows"] == 6
     # Given back with --pipeline (no pass flags, no --calib: all from the file), from another cwd.
     (tmp_path / "elsewhere").mkdir()
