@@ -45,7 +45,6 @@ class SmoothActivations(Pass):
     """Per-channel scales moved from the events into the weights (SmoothQuant), folded into norms and up projections."""
 
     name = "smooth-activations"
-    provides = frozenset({"smoothed"})
     before = frozenset({"int8-events", "int8-weights"})
     needs_data = True
     Config = SmoothActivationsConfig

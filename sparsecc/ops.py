@@ -87,8 +87,7 @@ def rescale_channels(node: ir.Node, s: np.ndarray) -> None:
     s = np.asarray(s, np.float32)
     t = node.inputs[1].const_value.numpy()
     scale = score_scale(node)
-    node.metadata_props[SCORE_SCALE] = base64.b64encode(
-        ((scale if scale is not None else np.ones_like(s)) * s).astype("<f4").tobytes()).decode("ascii")
+    set_score_scale(node, (scale if scale is not None else np.ones_like(s)) * s)   # resets t: written next
     _write(node, (np.broadcast_to(t, s.shape).astype(np.float64) / s).astype(t.dtype))
 
 

@@ -41,7 +41,6 @@ FACTS = {
     "levels": "thresholds set to a sparsity",
     "int8-events": "int8 events (QuantizeLinear on activations)",
     "int8-weights": "integer weights (quantize-weights)",
-    "smoothed": "events smoothed into the weights (smooth-activations)",
 }
 
 
